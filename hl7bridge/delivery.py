@@ -1,0 +1,282 @@
+"""Delivery: the workers that drain the journal into the CRM. The half of the pipeline after the journal.
+
+Guarantees (tested in tests/integration/test_delivery*.py):
+- At-least-once from journal to CRM: an entry leaves `pending` only after the sink committed its operations
+  (or it was filtered or dead-lettered). A crash between the sink commit and the journal update re-applies
+  the message on restart; the sink's idempotency (message key recorded in the same transaction as the
+  upserts) makes that second application a no-op, so the *effect* is exactly once.
+- Per-patient order: at most one entry per patient key is in flight, and the journal only hands out a key's
+  earliest pending entry. A transient failure keeps that entry first in line (with backoff), so a patient's
+  later messages wait behind it; other patients proceed on the other lanes.
+- Dead letters: permanent failures, and transient ones past `max_attempts` or `max_age_hours`, become
+  `dead`. With `head_of_line: hold` the patient's later messages wait until the dead letter is retried or
+  discarded; with `continue` they proceed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+import hl7
+
+from hl7bridge.crm.base import Sink
+from hl7bridge.errors import Hl7BridgeError, MappingError, TransientSinkError
+from hl7bridge.hl7.parse import parse_message
+from hl7bridge.records import CrmOp, Filtered, JournalEntry, OpResult
+from hl7bridge.store.base import Journal
+
+__all__ = ["Delivery", "DeliveryMetrics", "DeliveryPolicy", "Mapper", "apply_entry"]
+
+log = logging.getLogger("hl7bridge.delivery")
+
+
+class Mapper(Protocol):
+    def map(self, msg: hl7.Message) -> list[CrmOp] | Filtered: ...
+
+
+class DeliveryMetrics(Protocol):
+    def applied(self, message_type: str, trigger: str, seconds_since_received: float) -> None: ...
+    def filtered(self, reason: str) -> None: ...
+    def contact_created(self, trigger: str) -> None: ...
+    def dead_lettered(self, error_kind: str) -> None: ...
+    def retry_scheduled(self, error_kind: str) -> None: ...
+    def sink_error(self, error_kind: str) -> None: ...
+    def set_backlog(self, pending: int, oldest_age_seconds: float) -> None: ...
+    def set_dlq_size(self, n: int) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryPolicy:
+    lanes: int = 8
+    max_attempts: int = 50
+    max_age: timedelta = timedelta(hours=24)
+    backoff_initial: float = 0.5
+    backoff_max: float = 300.0
+    hold: bool = False
+    poll_interval: float = 1.0
+    default_charset: str = "utf-8"
+
+    def backoff(self, attempts: int, hint: float | None = None) -> float:
+        """Exponential backoff with full jitter in [base/2, base], capped; a sink's Retry-After wins if larger."""
+        base = min(self.backoff_max, self.backoff_initial * (2 ** max(0, attempts - 1)))
+        delay = base * random.uniform(0.5, 1.0)
+        return max(delay, hint or 0.0)
+
+
+def apply_entry(
+    entry: JournalEntry, mapper: Mapper, sink: Sink, *, default_charset: str = "utf-8", force: bool = False
+) -> list[OpResult] | Filtered:
+    """Parse, map and apply one journal entry (synchronous; runs in a worker thread). Raises Hl7BridgeError."""
+    try:
+        msg = parse_message(entry.raw, default_charset)
+        result = mapper.map(msg)
+    except Hl7BridgeError:
+        raise
+    except Exception as exc:  # a mapping bug must dead-letter the message, not kill the worker
+        raise MappingError(f"mapping failed unexpectedly ({type(exc).__name__})") from exc
+    if isinstance(result, Filtered):
+        return result
+    return sink.apply(result, message_key=entry.message_key, force=force)
+
+
+class Delivery:
+    def __init__(
+        self,
+        journal: Journal,
+        sink: Sink,
+        mapper: Mapper | Callable[[], Mapper],
+        metrics: DeliveryMetrics,
+        policy: DeliveryPolicy,
+    ) -> None:
+        self._journal = journal
+        self._sink = sink
+        self._mapper = mapper
+        self._metrics = metrics
+        self._policy = policy
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._waiters: dict[int, list[asyncio.Future[Hl7BridgeError | None]]] = {}
+        # Recently settled entries, so an after_apply waiter registered a moment too late still gets its answer.
+        self._settled_recently: OrderedDict[int, Hl7BridgeError | None] = OrderedDict()
+        self._runner: asyncio.Task[None] | None = None
+        self._gauges: asyncio.Task[None] | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._runner = asyncio.create_task(self._run(), name="delivery")
+        self._gauges = asyncio.create_task(self._update_gauges(), name="delivery-gauges")
+
+    def wake(self) -> None:
+        """Called by intake when a new pending entry is journaled."""
+        self._wake.set()
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop taking new entries; let in-flight ones finish (bounded by grace). Unfinished ones stay pending."""
+        self._stopping = True
+        self._wake.set()
+        for task in (self._runner, self._gauges):
+            if task is not None:
+                task.cancel()
+        if self._inflight:
+            await asyncio.wait(list(self._inflight.values()), timeout=grace)
+        for task in list(self._inflight.values()):
+            task.cancel()
+
+    def wait_for(self, journal_id: int) -> asyncio.Future[Hl7BridgeError | None]:
+        """after_apply mode: resolves with None when applied/filtered, or the error when dead-lettered."""
+        fut: asyncio.Future[Hl7BridgeError | None] = asyncio.get_running_loop().create_future()
+        if journal_id in self._settled_recently:
+            fut.set_result(self._settled_recently[journal_id])
+            return fut
+        self._waiters.setdefault(journal_id, []).append(fut)
+        self._wake.set()
+        return fut
+
+    @property
+    def idle(self) -> bool:
+        return not self._inflight
+
+    # --- the loop ----------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            free = self._policy.lanes - len(self._inflight)
+            if free > 0:
+                try:
+                    ready = await asyncio.to_thread(
+                        self._journal.next_ready, free, datetime.now(UTC), set(self._inflight),
+                        self._policy.hold,
+                    )
+                except Exception as exc:
+                    log.error("cannot read the journal (%s); retrying", type(exc).__name__)
+                    ready = []
+                for entry in ready:
+                    lane = _lane_key(entry)
+                    if lane in self._inflight:
+                        continue
+                    task = asyncio.create_task(self._process(entry), name=f"deliver-{entry.id}")
+                    self._inflight[lane] = task
+                    task.add_done_callback(lambda _t, lane=lane: self._done(lane))
+                if len(ready) >= free:
+                    # All lanes busy: wait for one to finish (the done callback sets the event).
+                    await self._wake.wait()
+                    continue
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._policy.poll_interval)
+            except TimeoutError:
+                pass
+
+    def _done(self, lane: str) -> None:
+        self._inflight.pop(lane, None)
+        self._wake.set()
+
+    async def _process(self, entry: JournalEntry) -> None:
+        mapper = self._mapper if hasattr(self._mapper, "map") else self._mapper()  # type: ignore[operator]
+        try:
+            outcome = await asyncio.to_thread(
+                apply_entry, entry, mapper, self._sink, default_charset=self._policy.default_charset
+            )
+        except Hl7BridgeError as exc:
+            await self._failed(entry, exc)
+            return
+        except Exception as exc:  # never let a bug kill the lane; dead-letter with the class name only
+            log.exception("unexpected delivery failure journal_id=%s", entry.id)
+            await self._failed(entry, MappingError(f"internal error ({type(exc).__name__})"))
+            return
+        await self._settled(entry, outcome)
+
+    async def _settled(self, entry: JournalEntry, outcome: list[OpResult] | Filtered) -> None:
+        if isinstance(outcome, Filtered):
+            await self._mark(entry.id, "filtered", event=f"filtered: {outcome.reason}", reason=outcome.reason)
+            self._metrics.filtered(_bounded_reason(outcome.reason))
+            log.info("message journal_id=%s control_id=%s outcome=filtered", entry.id, entry.control_id[:40])
+        else:
+            summary = ", ".join(f"{r.entity}:{r.outcome}" for r in outcome) or "no operations"
+            await self._mark(entry.id, "done", event=f"applied: {summary}")
+            age = (datetime.now(UTC) - entry.received_at).total_seconds()
+            self._metrics.applied(entry.message_type, entry.trigger, max(age, 0.0))
+            for r in outcome:
+                if r.entity == "contact" and r.outcome == "created":
+                    self._metrics.contact_created(entry.trigger)
+            log.info("message journal_id=%s control_id=%s outcome=applied ops=%s",
+                     entry.id, entry.control_id[:40], summary)
+        self._resolve(entry.id, None)
+
+    async def _failed(self, entry: JournalEntry, exc: Hl7BridgeError) -> None:
+        attempts = entry.attempts + 1
+        if isinstance(exc, TransientSinkError) or exc.retryable:
+            self._metrics.sink_error(exc.kind)
+        age = datetime.now(UTC) - entry.received_at
+        if exc.retryable and attempts < self._policy.max_attempts and age < self._policy.max_age:
+            hint = exc.retry_after if isinstance(exc, TransientSinkError) else None
+            delay = self._policy.backoff(attempts, hint)
+            await self._mark(
+                entry.id, "pending", event=f"retry {attempts} in {delay:.1f}s: {exc.reason}",
+                reason=exc.reason, error_kind=exc.kind, attempts=attempts,
+                next_attempt_at=datetime.now(UTC) + timedelta(seconds=delay),
+            )
+            self._metrics.retry_scheduled(exc.kind)
+            log.warning("message journal_id=%s outcome=retry attempt=%d delay=%.1fs error=%s reason=%r",
+                        entry.id, attempts, delay, exc.kind, exc.reason)
+            # Wake the loop when the retry is due (the poll interval would too, but later).
+            asyncio.get_running_loop().call_later(delay, self._wake.set)
+            return
+        why = "retries exhausted: " if exc.retryable else ""
+        await self._mark(entry.id, "dead", event=f"dead-lettered: {why}{exc.reason}", reason=why + exc.reason,
+                         error_kind=exc.kind, attempts=attempts)
+        self._metrics.dead_lettered(exc.kind)
+        log.error("message journal_id=%s control_id=%s outcome=dead error=%s reason=%r",
+                  entry.id, entry.control_id[:40], exc.kind, exc.reason)
+        self._resolve(entry.id, exc)
+
+    async def _mark(self, entry_id: int, state: Any, **kw: Any) -> None:
+        # The journal update must not be lost to a transient journal hiccup: retry it briefly, then give up
+        # (the entry stays pending and is re-applied later; the sink makes that a no-op).
+        for attempt in range(5):
+            try:
+                await asyncio.to_thread(self._journal.mark, entry_id, state, **kw)
+                return
+            except Exception as exc:
+                log.error("cannot update journal entry %s (%s), attempt %d", entry_id, type(exc).__name__,
+                          attempt + 1)
+                await asyncio.sleep(0.2 * (attempt + 1))
+
+    def _resolve(self, journal_id: int, error: Hl7BridgeError | None) -> None:
+        self._settled_recently[journal_id] = error
+        while len(self._settled_recently) > 10_000:
+            self._settled_recently.popitem(last=False)
+        for fut in self._waiters.pop(journal_id, []):
+            if not fut.done():
+                fut.set_result(error)
+
+    async def _update_gauges(self) -> None:
+        while True:
+            try:
+                counts = await asyncio.to_thread(self._journal.counts)
+                oldest = await asyncio.to_thread(self._journal.oldest_pending)
+                age = (datetime.now(UTC) - oldest).total_seconds() if oldest else 0.0
+                self._metrics.set_backlog(counts.get("pending", 0), max(age, 0.0))
+                self._metrics.set_dlq_size(counts.get("dead", 0))
+            except Exception as exc:
+                log.warning("cannot read journal counts (%s)", type(exc).__name__)
+            await asyncio.sleep(2.0)
+
+
+def _lane_key(entry: JournalEntry) -> str:
+    return entry.patient_key if entry.patient_key is not None else f"#{entry.id}"
+
+
+def _bounded_reason(reason: str) -> str:
+    """Metric label for a filter reason: the rule's short code before any colon, bounded in length."""
+    head = reason.split(":", 1)[0].strip().lower().replace(" ", "_")
+    return "".join(c for c in head if c.isalnum() or c == "_")[:40] or "filtered"
