@@ -75,6 +75,7 @@ class App:
     intake: Intake | None = None
     committer: GroupCommitter | None = None
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    _probe: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -99,10 +100,12 @@ class App:
         )
         await self.mllp.start()
         self.metrics.set_up("listener", True)
+        reconcile_file = cfg.store.data_dir / "reconcile.prom"
         self.ops = OpsServer(self.metrics, host=cfg.ops.host, port=cfg.ops.port, checks={
             "listener": self._check_listener, "journal": self._check_journal, "sink": self._check_sink,
-        })
+        }, before_scrape=lambda: self.metrics.load_reconcile_file(reconcile_file))
         await self.ops.start()
+        self._probe = asyncio.create_task(self._probe_components(), name="component-probe")
         log.info("hl7bridge listening: mllp=%s:%d http=%s:%d journal=%s crm=%s ack_mode=%s",
                  lc.host, self.mllp.port, cfg.ops.host, self.ops.port,
                  _redact_url(cfg.store.journal_location()), _redact_url(cfg.store.crm_location()),
@@ -133,8 +136,20 @@ class App:
         assert self.sink is not None
         await asyncio.to_thread(self.sink.ping)
 
+    async def _probe_components(self) -> None:
+        """Keep the component_up gauges current even when nobody polls /readyz (alerts rely on them)."""
+        assert self.ops is not None
+        while True:
+            with contextlib.suppress(Exception):
+                failing = await self.ops.readiness()
+                if any(failing.values()):
+                    log.warning("not ready: %s", ", ".join(k for k, v in failing.items() if v))
+            await asyncio.sleep(10.0)
+
     async def stop(self, grace: float = 10.0) -> None:
         log.info("shutting down: finishing messages in flight")
+        if self._probe is not None:
+            self._probe.cancel()
         if self.mllp is not None:
             await self.mllp.stop(grace)
             self.metrics.set_up("listener", False)
