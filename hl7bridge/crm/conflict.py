@@ -356,7 +356,10 @@ def _upsert_appointment(tx: CrmTx, op: CrmOp, event_time: datetime, now: datetim
 def _link(tx: CrmTx, op: CrmOp, mrn: str | None, event_time: datetime, now: datetime) -> str | None:
     if mrn is None:
         return None
-    _, _, contact = upsert_contact(tx, mrn, op.contact_fields, event_time, now, own=False)
+    # The SIU's PID creates a minimal contact and fills gaps, but never overwrites or clears what the ADT
+    # feed (which owns demographics) set: scheduling systems often carry a stale copy of the patient.
+    fill_only = {k: FieldSet(v.value, "crm") for k, v in op.contact_fields.items() if v.value not in (None, "")}
+    _, _, contact = upsert_contact(tx, mrn, fill_only, event_time, now, own=False)
     return contact.row_id
 
 

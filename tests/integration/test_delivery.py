@@ -141,11 +141,7 @@ def _add_sex_code(text: str) -> str:
     import yaml
 
     data = yaml.safe_load(text)
-    tables = data.get("code_tables") or data.get("tables")
-    assert tables is not None, "default rules have no code tables section"
-    sex = next(v for k, v in tables.items() if "sex" in k)
-    target = sex.setdefault("values", sex) if isinstance(sex, dict) and "values" in sex else sex
-    target["X"] = "O"
+    data["code_tables"]["sex"]["map"]["X"] = "O"
     return yaml.safe_dump(data, sort_keys=False)
 
 

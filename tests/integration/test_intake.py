@@ -175,7 +175,7 @@ async def test_python_hl7_mllp_send_gets_a_well_formed_ack(tmp_path: Path, fixtu
         msg_file = tmp_path / "a04.hl7"
         msg_file.write_bytes(src)
         proc = await asyncio.create_subprocess_exec(
-            exe, "--port", str(app.mllp.port), "--file", str(msg_file), "127.0.0.1",
+            exe, "--port", str(app.mllp.port), "--file", str(msg_file), "--loose", "127.0.0.1",
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         out, err = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode == 0, err.decode()

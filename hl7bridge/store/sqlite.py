@@ -1,0 +1,388 @@
+"""The embedded journal: one SQLite file in WAL mode.
+
+One writer connection guarded by a lock: SQLite serialises writers anyway, and one connection lets the
+intake's group commits, the workers' marks and operator commands share a single write path without
+SQLITE_BUSY churn. Reads (next_ready, query, counts, ...) use a second connection under its own lock: in
+WAL mode readers never block the writer, so a slow scan over a large backlog cannot delay an ACK. Other
+processes (the CLI while `serve` runs) coexist through WAL + busy_timeout.
+
+Durability: `append_batch` and the operator commands commit with synchronous=FULL (the WAL is fsynced
+before COMMIT returns, so an AA sent afterwards survives power loss). `mark` commits with
+synchronous=NORMAL: a worker's state change lost in a power cut only means the message is delivered again
+(sinks are idempotent), and the next FULL commit fsyncs it anyway. That keeps one fsync per delivered
+message off the workers' path.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from hl7bridge.errors import JournalUnavailable
+from hl7bridge.records import AppendResult, HistoryEvent, JournalEntry, JournalState, NewEntry
+from hl7bridge.store import schema as s
+
+__all__ = ["SqliteJournal"]
+
+
+def _ts(dt: datetime) -> str:
+    # Fixed width (always microseconds, always Z) so that text order is time order in SQL comparisons.
+    return s.aware_utc(dt).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _dt(text: str) -> datetime:
+    return datetime.fromisoformat(text).astimezone(UTC)
+
+
+def _unavailable(exc: sqlite3.Error) -> JournalUnavailable:
+    # SQLite's messages name schema objects and conditions, never bound values: PHI-free.
+    name = getattr(exc, "sqlite_errorname", type(exc).__name__)
+    return JournalUnavailable(f"journal unavailable: {name}: {str(exc)[:160]}")
+
+
+def _connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+    conn.execute("PRAGMA journal_mode=WAL")
+    return conn
+
+
+class SqliteJournal:
+    """Journal in one SQLite file. Thread-safe; call `migrate()` once after opening."""
+
+    def __init__(self, path: Path | str, *, busy_timeout: float = 5.0) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._rlock = threading.Lock()
+        self._sync_full: bool | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._rconn: sqlite3.Connection | None = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = _connect(self.path, busy_timeout)
+            self._set_sync(durable=True)
+            self._rconn = _connect(self.path, busy_timeout)
+        except sqlite3.Error as e:
+            self.close()
+            raise _unavailable(e) from e
+        except OSError as e:
+            self.close()
+            raise JournalUnavailable("journal unavailable: cannot create the data directory") from e
+
+    # --- plumbing ------------------------------------------------------------------------------------
+
+    def _set_sync(self, *, durable: bool) -> None:
+        if self._sync_full is not durable and self._conn is not None:
+            self._conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            self._sync_full = durable
+
+    @contextmanager
+    def _write(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction under the lock; BEGIN IMMEDIATE takes the write lock up front so that a
+        concurrent writer in another process waits (busy_timeout) instead of failing mid-transaction."""
+        with self._lock:
+            conn = self._conn
+            if conn is None:
+                raise JournalUnavailable("journal unavailable: closed")
+            try:
+                self._set_sync(durable=durable)
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    with suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            except sqlite3.Error as e:
+                if conn.in_transaction:
+                    with suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                raise _unavailable(e) from e
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._rlock:
+            conn = self._rconn
+            if conn is None:
+                raise JournalUnavailable("journal unavailable: closed")
+            try:
+                yield conn
+            except sqlite3.Error as e:
+                raise _unavailable(e) from e
+
+    # --- Journal protocol ----------------------------------------------------------------------------
+
+    def migrate(self) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS journal_schema_version "
+                "(version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+            )
+            current = conn.execute("SELECT COALESCE(MAX(version), 0) FROM journal_schema_version").fetchone()
+            current = current[0]
+            if current > s.SCHEMA_VERSION:
+                raise JournalUnavailable(
+                    f"journal schema version {current} is newer than this hl7bridge ({s.SCHEMA_VERSION})"
+                )
+            now = _ts(datetime.now(UTC))
+            for version in range(current + 1, s.SCHEMA_VERSION + 1):
+                for statement in s.SQLITE_MIGRATIONS[version]:
+                    conn.execute(statement)
+                conn.execute("INSERT INTO journal_schema_version VALUES (?, ?)", (version, now))
+
+    def append_batch(self, entries: Sequence[NewEntry], dedup_window: timedelta) -> list[AppendResult]:
+        if not entries:
+            return []
+        now = _ts(datetime.now(UTC))
+        with self._write() as conn:
+            originals: dict[s.DedupKey, s.Original] = {}
+            for key in {k for e in entries if (k := s.dedup_key(e)) is not None}:
+                row = conn.execute(
+                    "SELECT id, ack_code, received_at FROM journal WHERE sending_application = ? "
+                    "AND sending_facility = ? AND control_id = ? AND state <> 'rejected' "
+                    "ORDER BY id DESC LIMIT 1",
+                    key,
+                ).fetchone()
+                if row is not None:
+                    originals[key] = s.Original(row[0], row[1], _dt(row[2]))
+            plan = s.plan_batch(entries, dedup_window, originals)
+            insert = (
+                f"INSERT INTO journal ({', '.join(s.INSERT_COLUMNS)}) "
+                f"VALUES ({', '.join('?' * len(s.INSERT_COLUMNS))})"
+            )
+            new_ids: list[int] = []
+            for i in plan.store:
+                cur = conn.execute(insert, s.insert_values(entries[i], _ts, now))
+                assert cur.lastrowid is not None
+                new_ids.append(cur.lastrowid)
+            resends = s.group_resends(plan, new_ids)
+            if resends:
+                conn.executemany(
+                    "UPDATE journal SET resend_count = resend_count + ?, updated_at = ? WHERE id = ?",
+                    [(n, now, eid) for eid, n in resends.items()],
+                )
+            history = s.history_rows(plan, entries, new_ids)
+            conn.executemany(
+                "INSERT INTO journal_history (entry_id, at, event, detail) VALUES (?, ?, ?, ?)",
+                [(eid, now, event, detail) for eid, event, detail in history],
+            )
+        return plan.results(entries, new_ids)
+
+    def next_ready(
+        self, limit: int, now: datetime, exclude_keys: Collection[str], hold: bool
+    ) -> list[JournalEntry]:
+        # Heads of lanes first (MIN(id) per key, an index-only scan of `journal_lane` over pending rows),
+        # then the due filter: a head that is not due blocks its lane, keeping per-patient order.
+        sql = f"""
+            SELECT {s.ENTRY_COLUMNS} FROM journal AS j
+            WHERE j.id IN (
+                SELECT MIN(id) FROM journal
+                WHERE state = 'pending' AND patient_key IS NOT NULL
+                  AND patient_key NOT IN (SELECT value FROM json_each(?))
+                GROUP BY patient_key
+                UNION ALL
+                SELECT id FROM journal WHERE state = 'pending' AND patient_key IS NULL
+            )
+            AND (j.next_attempt_at IS NULL OR j.next_attempt_at <= ?)
+            AND (? = 0 OR j.patient_key IS NULL OR NOT EXISTS (
+                SELECT 1 FROM journal AS d WHERE d.state = 'dead' AND d.patient_key = j.patient_key))
+            ORDER BY j.id LIMIT ?
+        """
+        params = (json.dumps(list(exclude_keys)), _ts(now), 1 if hold else 0, max(0, limit))
+        with self._read() as conn:
+            rows = conn.execute(sql, params).fetchall()
+        return [s.entry_from_row(r, _dt) for r in rows]
+
+    def mark(
+        self,
+        entry_id: int,
+        state: JournalState,
+        *,
+        event: str,
+        reason: str = "",
+        error_kind: str = "",
+        attempts: int | None = None,
+        next_attempt_at: datetime | None = None,
+    ) -> None:
+        s.check_states([state])
+        now = _ts(datetime.now(UTC))
+        nxt = None if next_attempt_at is None else _ts(next_attempt_at)
+        with self._write(durable=False) as conn:
+            cur = conn.execute(
+                "UPDATE journal SET state = ?, reason = ?, error_kind = ?, attempts = COALESCE(?, attempts), "
+                "next_attempt_at = ?, updated_at = ? WHERE id = ?",
+                (state, reason, error_kind, attempts, nxt, now, entry_id),
+            )
+            if cur.rowcount:
+                conn.execute(
+                    "INSERT INTO journal_history (entry_id, at, event, detail) VALUES (?, ?, ?, ?)",
+                    (entry_id, now, event, reason),
+                )
+
+    def get(self, entry_id: int) -> JournalEntry | None:
+        with self._read() as conn:
+            row = conn.execute(f"SELECT {s.ENTRY_COLUMNS} FROM journal WHERE id = ?", (entry_id,)).fetchone()
+        return None if row is None else s.entry_from_row(row, _dt)
+
+    def history(self, entry_id: int) -> list[HistoryEvent]:
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT at, event, detail FROM journal_history WHERE entry_id = ? ORDER BY id", (entry_id,)
+            ).fetchall()
+        return [HistoryEvent(_dt(at), event, detail) for at, event, detail in rows]
+
+    def query(
+        self,
+        *,
+        states: Collection[str] | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        message_type: str | None = None,
+        error_kind: str | None = None,
+        patient_key: str | None = None,
+        after_id: int | None = None,
+        limit: int | None = None,
+    ) -> list[JournalEntry]:
+        where: list[str] = []
+        params: list[Any] = []
+        if states is not None:
+            wanted = s.check_states(list(states))
+            where.append(f"state IN ({', '.join('?' * len(wanted))})" if wanted else "0")
+            params += wanted
+        if since is not None:
+            where.append("received_at >= ?")
+            params.append(_ts(since))
+        if until is not None:
+            where.append("received_at < ?")
+            params.append(_ts(until))
+        if message_type:
+            kind, trigger = s.split_message_type(message_type)
+            where.append("message_type = ?")
+            params.append(kind)
+            if trigger is not None:
+                where.append("trigger = ?")
+                params.append(trigger)
+        if error_kind is not None:
+            where.append("error_kind = ?")
+            params.append(error_kind)
+        if patient_key is not None:
+            where.append("patient_key = ?")
+            params.append(patient_key)
+        if after_id is not None:
+            where.append("id > ?")
+            params.append(after_id)
+        sql = f"SELECT {s.ENTRY_COLUMNS} FROM journal"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(max(0, limit))
+        with self._read() as conn:
+            rows = conn.execute(sql, params).fetchall()
+        return [s.entry_from_row(r, _dt) for r in rows]
+
+    def requeue(self, ids: Collection[int], reason: str) -> int:
+        return self._transition(ids, ("dead", "discarded", "done", "filtered"), "pending", "requeued", reason)
+
+    def discard(self, ids: Collection[int], reason: str) -> int:
+        return self._transition(ids, ("dead",), "discarded", "discarded", reason)
+
+    def _transition(
+        self, ids: Collection[int], from_states: tuple[str, ...], to_state: str, event: str, reason: str
+    ) -> int:
+        id_list = sorted({int(i) for i in ids})
+        if not id_list:
+            return 0
+        now = _ts(datetime.now(UTC))
+        # Requeue resets the retry bookkeeping; discard keeps attempts and error_kind for the record.
+        reset = ", attempts = 0, next_attempt_at = NULL, error_kind = ''" if to_state == "pending" else ""
+        changed: list[int] = []
+        with self._write() as conn:
+            for chunk in _chunks(id_list, 500):
+                marks = ", ".join("?" * len(chunk))
+                froms = ", ".join("?" * len(from_states))
+                rows = conn.execute(
+                    f"UPDATE journal SET state = ?, reason = ?, updated_at = ?{reset} "
+                    f"WHERE id IN ({marks}) AND state IN ({froms}) RETURNING id",
+                    (to_state, reason, now, *chunk, *from_states),
+                ).fetchall()
+                changed += [r[0] for r in rows]
+            conn.executemany(
+                "INSERT INTO journal_history (entry_id, at, event, detail) VALUES (?, ?, ?, ?)",
+                [(eid, now, event, reason) for eid in changed],
+            )
+        return len(changed)
+
+    def purge(self, older_than: datetime, states: Collection[str], reason: str) -> int:
+        wanted = s.check_states(list(states))
+        if not wanted:
+            return 0
+        cutoff = _ts(older_than)
+        marks = ", ".join("?" * len(wanted))
+        match = f"FROM journal WHERE state IN ({marks}) AND received_at < ?"
+        with self._write() as conn:
+            conn.execute(
+                f"DELETE FROM journal_history WHERE entry_id IN (SELECT id {match})", (*wanted, cutoff)
+            )
+            count = conn.execute(f"DELETE {match}", (*wanted, cutoff)).rowcount
+            conn.execute(
+                "INSERT INTO journal_purge_audit (at, requested_by, states, older_than, reason, purged) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (_ts(datetime.now(UTC)), s.requester(), ",".join(wanted), cutoff, reason, count),
+            )
+        return count
+
+    def purge_audit(self) -> list[dict[str, Any]]:
+        """The purge audit trail, oldest first (not part of the Journal protocol; for the CLI and tests)."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT at, requested_by, states, older_than, reason, purged "
+                "FROM journal_purge_audit ORDER BY id"
+            ).fetchall()
+        return [
+            {"at": _dt(r[0]), "requested_by": r[1], "states": r[2].split(","), "older_than": _dt(r[3]),
+             "reason": r[4], "purged": r[5]}
+            for r in rows
+        ]
+
+    def counts(self) -> dict[str, int]:
+        with self._read() as conn:
+            rows = conn.execute("SELECT state, COUNT(*) FROM journal GROUP BY state").fetchall()
+        out = dict.fromkeys(s.STATES, 0)
+        out.update({state: int(n) for state, n in rows})
+        return out
+
+    def oldest_pending(self) -> datetime | None:
+        with self._read() as conn:
+            row = conn.execute("SELECT MIN(received_at) FROM journal WHERE state = 'pending'").fetchone()
+        return None if row is None or row[0] is None else _dt(row[0])
+
+    def ping(self) -> None:
+        # BEGIN IMMEDIATE takes the write lock: fails on a read-only file, a full lock or a missing disk.
+        with self._write() as conn:
+            conn.execute("SELECT 1 FROM journal_schema_version LIMIT 1").fetchall()
+
+    def close(self) -> None:
+        with self._rlock:
+            if self._rconn is not None:
+                with suppress(sqlite3.Error):
+                    self._rconn.close()
+                self._rconn = None
+        with self._lock:
+            if self._conn is not None:
+                with suppress(sqlite3.Error):
+                    self._conn.close()
+                self._conn = None
+
+
+def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
