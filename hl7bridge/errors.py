@@ -10,7 +10,7 @@ Messages (`reason`) must never carry PHI: they name fields and codes, not values
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 __all__ = [
     "AckCode",
@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 
-class AckCode(str, Enum):
+class AckCode(StrEnum):
     """MSA-1 acknowledgement codes (HL7 table 0008)."""
 
     #: Original mode: application accept.
@@ -55,7 +55,7 @@ def enhanced(code: AckCode) -> AckCode:
     return _ENHANCED.get(code, code)
 
 
-class ErrCode(str, Enum):
+class ErrCode(StrEnum):
     """HL7 table 0357 message error condition codes, as used in ERR-3."""
 
     #: Message accepted.

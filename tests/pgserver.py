@@ -43,7 +43,7 @@ class PgServer:
         self.datadir = self.tmp / "data"
         self.port = free_port()
         if self.as_root:
-            os.chmod(self.tmp, 0o755)
+            self.tmp.chmod(0o755)
             shutil.chown(self.tmp, "postgres", "postgres")
         self.user = "postgres" if self.as_root else os.environ.get("USER", "postgres")
         self._run([self.initdb, "-D", str(self.datadir), "-U", self.user, "-A", "trust", "-E", "UTF8",
