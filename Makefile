@@ -27,14 +27,14 @@ run: $(STAMP) ## start the bridge: MLLP :2575, HTTP :9575, SQLite in ./hl7bridge
 	$(BIN)/hl7bridge serve
 
 test: $(STAMP) tools ## lint, then the whole test suite (starts its own PostgreSQL)
-	$(BIN)/ruff check hl7bridge tests bench
+	$(BIN)/ruff check hl7bridge tests $(wildcard bench)
 	$(BIN)/pytest -q
 
 lint: $(STAMP) ## ruff
-	$(BIN)/ruff check hl7bridge tests bench
+	$(BIN)/ruff check hl7bridge tests $(wildcard bench)
 
 fmt: $(STAMP)
-	$(BIN)/ruff check --fix hl7bridge tests bench
+	$(BIN)/ruff check --fix hl7bridge tests $(wildcard bench)
 
 bench: $(STAMP) ## run the benchmarks against the peers, write bench/RESULTS.md
 	$(BIN)/python -m bench.run
