@@ -114,7 +114,8 @@ def test_replay_from_journal_after_a_mapping_fix(tmp_path: Path) -> None:
 def test_send_prints_control_id_and_ack_and_exit_code(tmp_path: Path, fixtures_dir: Path) -> None:
     bridge = BridgeProcess(tmp_path / "data").start()
     try:
-        ok = cli("send", f"127.0.0.1:{bridge.port}", str(fixtures_dir / "adt_a04.hl7"), str(fixtures_dir / "adt_a28.hl7"))
+        target = f"127.0.0.1:{bridge.port}"
+        ok = cli("send", target, str(fixtures_dir / "adt_a04.hl7"), str(fixtures_dir / "adt_a28.hl7"))
         assert ok.returncode == 0, ok.stderr
         assert ok.stdout.splitlines() == ["MSG00001\tCA", "CER-884201\tAA"]
         bad = cli("send", f"127.0.0.1:{bridge.port}", str(fixtures_dir / "bad_unsupported_type.hl7"))
