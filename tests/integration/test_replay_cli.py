@@ -213,3 +213,28 @@ def test_crm_commands_print_the_record_model(tmp_path: Path, fixtures_dir: Path)
     assert list(appts[0]) == ["appointment_id", "mrn", "contact_id", "start", "duration_minutes", "status", "type",
                               "provider", "location", "updated_at"]
     assert appts[0]["contact_id"] == contacts[0]["contact_id"]
+
+
+def test_replay_to_a_running_bridge_over_mllp(tmp_path: Path) -> None:
+    src = tmp_path / "to.hl7"
+    _write_file(src, 5, 1)
+    bridge = BridgeProcess(tmp_path / "data").start()
+    try:
+        out = cli("replay", str(src), "--to", f"127.0.0.1:{bridge.port}", "--json")
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout) == {"messages": 10, "ack_codes": {"AA": 10}}
+    finally:
+        bridge.terminate()
+
+
+def test_journal_prune_keeps_dead_letters_unless_asked(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    src = tmp_path / "p.hl7"
+    src.write_bytes(adt("A04", mrn="PR1", cid="PR-1") + adt("A04", mrn="PR2", cid="PR-2", sex="X"))
+    cli("replay", str(src), "--data-dir", str(data))
+    out = cli("journal", "prune", "--older-than", "0s", "--yes", "--data-dir", str(data))
+    assert out.returncode == 0 and "pruned 1" in out.stdout
+    left = json.loads(cli("journal", "list", "--data-dir", str(data), "--json").stdout)
+    assert [(e["control_id"], e["state"]) for e in left] == [("PR-2", "dead")]
+    out = cli("journal", "prune", "--older-than", "0s", "--include-dead", "--yes", "--data-dir", str(data))
+    assert "pruned 1" in out.stdout
