@@ -117,7 +117,7 @@ def test_send_prints_control_id_and_ack_and_exit_code(tmp_path: Path, fixtures_d
         target = f"127.0.0.1:{bridge.port}"
         ok = cli("send", target, str(fixtures_dir / "adt_a04.hl7"), str(fixtures_dir / "adt_a28.hl7"))
         assert ok.returncode == 0, ok.stderr
-        assert ok.stdout.splitlines() == ["MSG00001\tCA", "CER-884201\tAA"]
+        assert ok.stdout.splitlines() == ["MSG00001\tAA", "CER-884201\tAA"]
         bad = cli("send", f"127.0.0.1:{bridge.port}", str(fixtures_dir / "bad_unsupported_type.hl7"))
         assert bad.returncode == 1
         assert "\tAR 200" in bad.stdout

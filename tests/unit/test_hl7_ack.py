@@ -48,7 +48,7 @@ def envelope_of(name: str) -> Envelope:
 
 
 A08 = envelope_of("adt_a08.hl7")  # original mode
-A04 = envelope_of("adt_a04.hl7")  # MSH-15 AL / MSH-16 NE: enhanced mode
+A04 = envelope_of("adt_a04_enhanced.hl7")  # MSH-15 AL / MSH-16 NE: enhanced mode
 
 
 def fields(ack: str, segment: str) -> list[str]:

@@ -53,7 +53,7 @@ def test_every_fixture_scans_and_validates(path: Path) -> None:
 
 
 def test_envelope_fields_of_a04() -> None:
-    scanned, _ = scan_bytes((FIXTURES / "adt_a04.hl7").read_bytes())
+    scanned, _ = scan_bytes((FIXTURES / "adt_a04_enhanced.hl7").read_bytes())
     assert scanned.envelope == Envelope(
         field_sep="|",
         encoding_chars=ENC,
@@ -65,7 +65,7 @@ def test_envelope_fields_of_a04() -> None:
         message_type="ADT",
         trigger="A04",
         structure="ADT_A01",
-        control_id="MSG00001",
+        control_id="MSG00001E",
         processing_id="P",
         version="2.5.1",
         accept_ack_type="AL",
