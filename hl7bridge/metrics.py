@@ -56,7 +56,9 @@ APPLY_LATENCY_BUCKETS = (
 
 # Series created at 0 up front, so rate()/increase() and the alert rules see them before the first event.
 _KNOWN_RECEIVED = (("ADT", "A04"), ("ADT", "A28"))
-_KNOWN_REJECT_REASONS = ("unreadable_message", "unsupported_message", "missing_required", "bad_field_value")
+_KNOWN_REJECT_REASONS = (
+    "unreadable_message", "unsupported_message", "missing_required", "bad_field_value", "journal_unavailable",
+)
 _KNOWN_DEAD_LETTER_ERRORS = (
     "mapping_error",
     "bad_field_value",

@@ -157,6 +157,7 @@ class Intake:
             result = await self._committer.submit(entry)
         except JournalUnavailable as exc:
             log.error("journal unavailable, answering AR so the sender retries: %s", exc.reason)
+            self._metrics.rejected(exc.kind)
             return self._answer(envelope, AckCode.AR, exc, None, "journal_unavailable", started)
 
         if result.duplicate:
