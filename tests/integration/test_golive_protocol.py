@@ -103,8 +103,10 @@ async def test_go_live_protocol(store: dict[str, Any], tmp_path: Path, fixtures_
         assert app.journal.counts().get("dead", 0) == 0
 
 
-async def test_dst_evening_before_change_lands_on_the_right_instant_and_day(tmp_path: Path, fixtures_dir: Path) -> None:
-    async with running_bridge(tmp_path / "data", timezone="America/New_York") as app:
+async def test_dst_evening_before_change_lands_on_the_right_instant_and_day(
+    store: dict[str, Any], tmp_path: Path, fixtures_dir: Path
+) -> None:
+    async with running_bridge(tmp_path / "data", store=store, timezone="America/New_York") as app:
         await _send_ok(app, _fixture(fixtures_dir, "siu_s12_no_offset.hl7"))
         appt = (await wait_for(lambda: app.sink.appointments()))[0]
         start = datetime.fromisoformat(appt.start)
@@ -114,8 +116,10 @@ async def test_dst_evening_before_change_lands_on_the_right_instant_and_day(tmp_
         assert start.astimezone(ZoneInfo("America/New_York")).date().isoformat() == "2026-10-31"
 
 
-async def test_merge_leaves_one_contact_with_all_appointments(tmp_path: Path, fixtures_dir: Path) -> None:
-    async with running_bridge(tmp_path / "data") as app:
+async def test_merge_leaves_one_contact_with_all_appointments(
+    store: dict[str, Any], tmp_path: Path, fixtures_dir: Path
+) -> None:
+    async with running_bridge(tmp_path / "data", store=store) as app:
         await _send_ok(
             app,
             adt("A04", mrn="654321", cid="MRG-0", when="20261115080000-0500"),
@@ -134,8 +138,8 @@ async def test_merge_leaves_one_contact_with_all_appointments(tmp_path: Path, fi
         assert {a.mrn for a in appts} == {"123456"}
 
 
-async def test_stale_message_after_newer_one_does_not_regress(tmp_path: Path) -> None:
-    async with running_bridge(tmp_path / "data") as app:
+async def test_stale_message_after_newer_one_does_not_regress(store: dict[str, Any], tmp_path: Path) -> None:
+    async with running_bridge(tmp_path / "data", store=store) as app:
         newer = adt("A08", mrn="ST1", cid="ST-NEW", phone="^PRN^PH^^1^217^5552222", family="Newname",
                     when="20261116120000-0500")
         older = adt("A08", mrn="ST1", cid="ST-OLD", phone="^PRN^PH^^1^217^5551111", family="Oldname",
@@ -146,8 +150,10 @@ async def test_stale_message_after_newer_one_does_not_regress(tmp_path: Path) ->
         assert (c.last_name, c.phone) == ("Newname", "+12175552222")
 
 
-async def test_iso_8859_1_and_escapes_and_repeated_identifiers(tmp_path: Path, fixtures_dir: Path) -> None:
-    async with running_bridge(tmp_path / "data") as app:
+async def test_iso_8859_1_and_escapes_and_repeated_identifiers(
+    store: dict[str, Any], tmp_path: Path, fixtures_dir: Path
+) -> None:
+    async with running_bridge(tmp_path / "data", store=store) as app:
         await _send_ok(app, _fixture(fixtures_dir, "adt_a28.hl7"))
         escaped = adt("A04", mrn="ESC1", cid="ESC-1", family="O\\S\\Brien", given="Zo\\XC3AB\\")
         escaped = escaped.replace(b"ESC1^^^NORTHCLINIC^MR", b"E9^^^EPIC^PI~ESC1^^^NORTHCLINIC^MR")
