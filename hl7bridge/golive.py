@@ -5,7 +5,8 @@ exactly them): a new patient, a booking, a cancellation, a phone change with a C
 `phone` field's conflict rule, and 50 patients + 50 appointments sent at once over several connections.
 Each step records what was expected and what the CRM held, field by field, and the sync latency (send ->
 visible in the CRM, polled up to the sync window). The report is the go-live baseline, kept so that a
-failure months later can be compared with go-live behaviour.
+failure months later can be compared with go-live behaviour. The report records and their rendering are in
+`golive_report.py`, the synthetic patients and messages in `golive_messages.py`.
 
 Expectations are the protocol's, not the bridge's: statuses (S12 scheduled, S15 cancelled), the start
 instant, E.164 phones and one contact per MRN are fixed here. Fields whose form the data map decides
@@ -16,17 +17,18 @@ mapper is given, so golive checks the bridge against the user's own data map.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import statistics
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime, timedelta, timezone
+from dataclasses import asdict, replace
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from hl7bridge.crm.base import Sink
 from hl7bridge.crm.model import Appointment, Contact
+from hl7bridge.golive_messages import Appt, Messages, Patient, make_appt, make_patient
+from hl7bridge.golive_report import Check, GoliveReport, StepResult
 from hl7bridge.sending import SendResult, send_payloads
 
 __all__ = ["Check", "GoliveReport", "StepResult", "run_golive"]
@@ -38,189 +40,6 @@ _DATA_MAP_FIELDS = frozenset({"first_name", "last_name", "email", "address_line1
                               "postal_code", "type", "provider", "location"})
 #: Contact fields that can prove an A08 was applied when the phone is expected to stay unchanged.
 _MARKER_FIELDS = ("email", "address_line1", "city", "postal_code")
-_FACILITY_OFFSET = timezone(timedelta(hours=-5))  # appointment times are sent with an explicit offset
-
-
-@dataclass(frozen=True, slots=True)
-class Check:
-    what: str
-    expected: Any
-    found: Any
-    ok: bool
-
-
-@dataclass(frozen=True, slots=True)
-class StepResult:
-    number: int
-    name: str
-    checks: tuple[Check, ...]
-    #: Send -> visible in the CRM, seconds (None when it never became visible).
-    latency_seconds: float | None
-    #: Volume step: p50, p95, max over every record.
-    latency: Mapping[str, float] = field(default_factory=dict)
-    notes: tuple[str, ...] = ()
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.checks) and all(c.ok for c in self.checks)
-
-
-@dataclass(frozen=True, slots=True)
-class GoliveReport:
-    run_id: str
-    run_prefix: str  # every test MRN starts with this
-    target: str
-    started_at: datetime
-    finished_at: datetime
-    sync_window: float
-    phone_conflict: str
-    steps: tuple[StepResult, ...]
-    cleaned_up: int | None = None  # contacts removed by --cleanup
-
-    @property
-    def passed(self) -> bool:
-        return all(s.passed for s in self.steps)
-
-    @property
-    def failed_steps(self) -> list[int]:
-        return [s.number for s in self.steps if not s.passed]
-
-    def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["started_at"], out["finished_at"] = self.started_at.isoformat(), self.finished_at.isoformat()
-        out["passed"], out["failed_steps"] = self.passed, self.failed_steps
-        for step, obj in zip(self.steps, out["steps"], strict=True):
-            obj["passed"] = step.passed
-        return out
-
-    def to_markdown(self) -> str:
-        verdict = "PASSED" if self.passed else "FAILED (step " + ", ".join(map(str, self.failed_steps)) + ")"
-        lines = ["# hl7bridge go-live report", "",
-                 f"- Run `{self.run_id}`, test MRN prefix `{self.run_prefix}`, target `{self.target}`",
-                 f"- Started {self.started_at.isoformat()}, finished {self.finished_at.isoformat()}",
-                 f"- Sync window {self.sync_window:g} s; `phone` conflict rule `{self.phone_conflict}`"]
-        if self.cleaned_up is not None:
-            lines.append(f"- Cleanup: {self.cleaned_up} test contacts removed")
-        lines += ["", f"**Result: {verdict}**", "", "| step | result | sync latency |", "|---|---|---|"]
-        lines += [f"| {s.number}. {s.name} | {'pass' if s.passed else '**FAIL**'} | {_secs(s.latency_seconds)}"
-                  f"{''.join(f', {k} {_secs(v)}' for k, v in s.latency.items())} |" for s in self.steps]
-        for s in self.steps:
-            lines += ["", f"## Step {s.number}: {s.name} — {'pass' if s.passed else 'FAIL'}", ""]
-            lines += [f"- {n}" for n in s.notes] + ([""] if s.notes else [])
-            lines += ["| check | expected | found | ok |", "|---|---|---|---|"]
-            lines += [f"| {_md(c.what)} | {_md(c.expected)} | {_md(c.found)} | {'yes' if c.ok else '**NO**'} |"
-                      for c in s.checks]
-        return "\n".join(lines) + "\n"
-
-
-def _secs(v: float | None) -> str:
-    return "never" if v is None else f"{v:.3f} s"
-
-
-def _md(v: Any) -> str:
-    return ("—" if v is None else str(v)).replace("|", "\\|").replace("\n", " ")
-
-
-# --- synthetic data and messages ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Patient:
-    mrn: str
-    first_name: str
-    last_name: str
-    birth_date: str
-    sex: str
-    phone: str  # E.164
-    email: str
-    address_line1: str
-    city: str
-    state: str
-    postal_code: str
-    pid3: str  # the MRN as sent in PID-3 (the CRM key `mrn` adds "^AUTHORITY" when the rules say so)
-
-
-def _xtn(e164: str) -> str:
-    return f"^PRN^PH^^1^{e164[2:5]}^{e164[5:]}"  # +1 AAA NNNNNNN as XTN-5/6/7
-
-
-def _hl7_time(dt: datetime) -> str:
-    return dt.strftime("%Y%m%d%H%M%S%z")
-
-
-class _Messages:
-    """Builds ADT and SIU text (segments joined by CR) with unique MSH-10s and strictly rising times, so the
-    bridge's stale-message guard never sees two of our messages for one record as out of order."""
-
-    def __init__(self, run_prefix: str, authority: str) -> None:
-        self.prefix, self.authority = run_prefix, authority
-        self._ids = itertools.count(1)
-        self._last = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=1)
-
-    def tick(self) -> datetime:
-        self._last = max(datetime.now(UTC).replace(microsecond=0), self._last + timedelta(seconds=1))
-        return self._last
-
-    def _msh(self, mtype: str, at: datetime) -> tuple[str, str]:
-        cid = f"{self.prefix}{next(self._ids):04d}"
-        return cid, f"MSH|^~\\&|GOLIVE|GOLIVE|HL7BRIDGE|CRM|{_hl7_time(at)}||{mtype}|{cid}|P|2.5.1"
-
-    def _pid(self, p: _Patient, *, full: bool, phone: str | None = None, email: str | None = None) -> str:
-        head = f"PID|1||{p.pid3}^^^{self.authority}^MR||{p.last_name}^{p.first_name}||" \
-               f"{p.birth_date.replace('-', '')}|{p.sex}"
-        if not full:
-            return head
-        return f"{head}|||{p.address_line1}^^{p.city}^{p.state}^{p.postal_code}^USA^H||" \
-               f"{_xtn(phone or p.phone)}~^NET^Internet^{email or p.email}"
-
-    def adt(self, trigger: str, p: _Patient, *, phone: str | None = None, email: str | None = None,
-            at: datetime | None = None) -> tuple[str, bytes]:
-        at = at or self.tick()
-        cid, msh = self._msh(f"ADT^{trigger}^ADT_A01", at)
-        segs = [msh, f"EVN|{trigger}|{_hl7_time(at)}", self._pid(p, full=True, phone=phone, email=email), "PV1|1|O"]
-        return cid, ("\r".join(segs) + "\r").encode()
-
-    def siu(self, trigger: str, p: _Patient, appt: _Appt, *, at: datetime | None = None) -> tuple[str, bytes]:
-        at = at or self.tick()
-        cid, msh = self._msh(f"SIU^{trigger}^SIU_S12", at)
-        start, end = _hl7_time(appt.start), _hl7_time(appt.start + timedelta(minutes=appt.duration_minutes))
-        # An S15 says "cancelled" through its trigger event alone (SCH-25 left empty, as many feeds do):
-        # the rules must handle the event, which is the failure this step exists to catch.
-        reason, status = ("PATCANCEL^Patient cancelled", "") if trigger == "S15" else ("", "Booked")
-        segs = [msh,
-                f"SCH|{appt.placer_id}^GOLIVE|{appt.appointment_id}^GOLIVE||||{reason}|FOLLOWUP^Follow-up visit|"
-                f"OFFICE^Office visit|{appt.duration_minutes}|MIN|^^{appt.duration_minutes}^{start}^{end}"
-                f"|||||||||||||{status}",
-                self._pid(p, full=False), "RGS|1|A",
-                f"AIS|1|A|99213^Office visit^CPT|{start}|0|MIN|{appt.duration_minutes}|MIN",
-                f"AIL|1|A|{appt.location}^^^Golive Room|||{start}",
-                f"AIP|1|A|{appt.provider}^Golive^Doctor^^^Dr.|ATTENDING|||{start}"]
-        return cid, ("\r".join(segs) + "\r").encode()
-
-
-@dataclass(frozen=True, slots=True)
-class _Appt:
-    appointment_id: str
-    placer_id: str
-    start: datetime
-    duration_minutes: int = 30
-    location: str = "GLROOM1"
-    provider: str = "GL900"
-
-
-def _patient(prefix: str, n: int, key_suffix: str = "") -> _Patient:
-    mrn = f"{prefix}-{n:03d}"
-    return _Patient(mrn=mrn + key_suffix, first_name=f"Test{n:03d}", last_name="Golive",
-                    birth_date=f"19{50 + n % 50:02d}-0{1 + n % 9}-{10 + n % 18:02d}", sex="FM"[n % 2],
-                    phone=f"+1217555{n % 100:04d}", email=f"{mrn.lower()}@golive.invalid",
-                    address_line1=f"{n} Go-Live Street", city="Springfield", state="IL", postal_code="62704",
-                    pid3=mrn)
-
-
-def _appt(prefix: str, n: int) -> _Appt:
-    day = (datetime.now(UTC) + timedelta(days=7 + n % 20)).date()
-    start = datetime(day.year, day.month, day.day, 9 + n % 8, 30, tzinfo=_FACILITY_OFFSET)
-    return _Appt(f"{prefix}-A{n:03d}", f"{prefix}-P{n:03d}", start)
 
 
 # --- expectations and checks -------------------------------------------------------------------------
@@ -270,11 +89,11 @@ def _ack_checks(results: Sequence[SendResult], label: str) -> list[Check]:
             for r in results]
 
 
-def _contact_base(p: _Patient) -> dict[str, Any]:
+def _contact_base(p: Patient) -> dict[str, Any]:
     return {k: v for k, v in asdict(p).items() if k != "pid3"}
 
 
-def _appt_base(a: _Appt, mrn: str) -> dict[str, Any]:
+def _appt_base(a: Appt, mrn: str) -> dict[str, Any]:
     return {"mrn": mrn, "start": a.start.isoformat(), "duration_minutes": a.duration_minutes,
             "status": "scheduled", "type": "Office visit", "provider": a.provider, "location": a.location}
 
@@ -303,7 +122,7 @@ def _latency(t0: float, t_ok: float | None) -> float | None:
 
 
 class _Run:
-    def __init__(self, target: tuple[str, int], sink: Sink, msgs: _Messages, *, sync_window: float,
+    def __init__(self, target: tuple[str, int], sink: Sink, msgs: Messages, *, sync_window: float,
                  phone_conflict: str, field_conflicts: Mapping[str, str], mapper: Any, volume: int,
                  connections: int, ack_timeout: float, include_authority: bool) -> None:
         self.host, self.port = target
@@ -311,7 +130,7 @@ class _Run:
         self.conflicts, self.mapper, self.volume_n = field_conflicts, mapper, volume
         self.connections, self.ack_timeout = max(1, connections), ack_timeout
         self.suffix = f"^{msgs.authority}" if include_authority else ""
-        self.patient, self.appt = _patient(msgs.prefix, 1, self.suffix), _appt(msgs.prefix, 1)
+        self.patient, self.appt = make_patient(msgs.prefix, 1, self.suffix), make_appt(msgs.prefix, 1)
 
     async def run(self) -> list[StepResult]:
         steps = (self.new_patient, self.booking, self.cancellation, self.phone, self.volume)
@@ -400,7 +219,7 @@ class _Run:
         await self._a08(p, phone4, 2, want4, checks, f"after the next EHR change (rule `{rule}`)")
         return StepResult(4, _NAMES[3], tuple(checks), _latency(t0, lat), notes=tuple(notes))
 
-    async def _a08(self, p: _Patient, phone: str, n: int, want: str, checks: list[Check], label: str) -> float | None:
+    async def _a08(self, p: Patient, phone: str, n: int, want: str, checks: list[Check], label: str) -> float | None:
         marker = next((f for f in _MARKER_FIELDS if self.conflicts.get(f, "ehr") != "crm"), None)
         values = {"email": f"{p.pid3.lower()}-v{n}@golive.invalid", "address_line1": f"{n} Changed Street",
                   "city": f"Chatham{n}", "postal_code": f"6262{n}"}
@@ -431,7 +250,7 @@ class _Run:
         lanes: list[list[tuple[str, int, bytes]]] = [[] for _ in range(k)]
         expected: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {}
         for i in range(n):
-            p, a = _patient(prefix, 101 + i, self.suffix), _appt(prefix, 101 + i)
+            p, a = make_patient(prefix, 101 + i, self.suffix), make_appt(prefix, 101 + i)
             _, a04 = self.msgs.adt("A04", p, at=at)
             _, s12 = self.msgs.siu("S12", p, a, at=at)
             expected[p.mrn] = (_expect(_contact_base(p), _mapped(self.mapper, a04, "contact")),
@@ -528,7 +347,7 @@ async def run_golive(target: tuple[str, int], sink: Sink, *, sync_window: float 
     run_id = uuid.uuid4().hex[:8].upper()
     run_prefix = f"{mrn_prefix}{run_id}"
     started = datetime.now(UTC)
-    steps = await _Run(target, sink, _Messages(run_prefix, authority), sync_window=sync_window,
+    steps = await _Run(target, sink, Messages(run_prefix, authority), sync_window=sync_window,
                        phone_conflict=phone_conflict, field_conflicts=field_conflicts or {}, mapper=mapper,
                        volume=volume, connections=connections, ack_timeout=ack_timeout,
                        include_authority=include_authority).run()

@@ -6,6 +6,7 @@ in SQL inside one open transaction. Keeping the decisions out of the SQL means b
 same and the rules are unit-tested without a database.
 
 Times are compared as instants (aware datetimes); stored as fixed-width ISO 8601 UTC strings by `iso()`.
+Which fields exist and how a value is validated live in `values.py`.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Protocol
 
-from hl7bridge.crm.model import APPOINTMENT_FIELDS, APPOINTMENT_STATUSES, CONTACT_FIELDS
+# EDITABLE, Value and normalise stay part of this module's API (re-exported; they live in values.py).
+from hl7bridge.crm.values import EDITABLE, Value, normalise
 from hl7bridge.errors import ErrCode, PermanentSinkError, TransientSinkError
 from hl7bridge.records import Conflict, CrmOp, Entity, FieldSet, OpResult
 
@@ -44,15 +46,6 @@ __all__ = [
     "upsert_contact",
     "utc",
 ]
-
-Value = str | int | None
-
-#: Fields a message or a CRM user may set, per entity (keys and links are managed by the sink).
-EDITABLE: Mapping[str, tuple[str, ...]] = {
-    "contact": tuple(f for f in CONTACT_FIELDS if f != "mrn"),
-    "appointment": APPOINTMENT_FIELDS,
-}
-
 
 class Origin(StrEnum):
     """Who changed a field last (stored per field in `field_meta`)."""
@@ -153,51 +146,6 @@ class CrmTx(Protocol):
     def move_appointments(self, from_contact_id: str, from_mrn: str, to_contact_id: str, to_mrn: str,
                           now: datetime) -> int: ...
     def record_merge(self, audit: MergeAudit) -> None: ...
-
-
-# --- values ------------------------------------------------------------------------------------------
-
-
-def _bad(entity: str, name: str, what: str) -> PermanentSinkError:
-    # Names the field, never the value (PHI).
-    return PermanentSinkError(f"crm: {entity} field {name!r} {what}", err_code=ErrCode.DATA_TYPE)
-
-
-def normalise(entity: Entity, name: str, value: Value) -> Value:
-    """Validate one value for the record model; "" means empty, like None."""
-    if name not in EDITABLE[entity]:
-        raise _bad(entity, name, "is not a CRM field")
-    if value is None or value == "":
-        return None
-    if isinstance(value, bool):
-        raise _bad(entity, name, "has the wrong type")
-    if name == "duration_minutes":
-        try:
-            minutes = int(value)
-        except ValueError:
-            raise _bad(entity, name, "is not a whole number") from None
-        if minutes < 0:
-            raise _bad(entity, name, "is negative")
-        return minutes
-    text = str(value)
-    if name == "birth_date":
-        try:
-            date.fromisoformat(text)
-        except ValueError:
-            raise _bad(entity, name, "is not a YYYY-MM-DD date") from None
-        if len(text) != 10:
-            raise _bad(entity, name, "is not a YYYY-MM-DD date")
-    elif name == "start":
-        try:
-            start = datetime.fromisoformat(text)
-        except ValueError:
-            raise _bad(entity, name, "is not an ISO 8601 date-time") from None
-        if start.utcoffset() is None:
-            raise _bad(entity, name, "has no UTC offset")
-        text = start.isoformat()  # canonical spelling, offset kept as sent
-    elif name == "status" and text not in APPOINTMENT_STATUSES:
-        raise _bad(entity, name, "is not a known appointment status")
-    return text
 
 
 # --- per-field decisions -----------------------------------------------------------------------------
