@@ -238,3 +238,18 @@ def test_journal_prune_keeps_dead_letters_unless_asked(tmp_path: Path) -> None:
     assert [(e["control_id"], e["state"]) for e in left] == [("PR-2", "dead")]
     out = cli("journal", "prune", "--older-than", "0s", "--include-dead", "--yes", "--data-dir", str(data))
     assert "pruned 1" in out.stdout
+
+
+def test_replay_from_journal_resume_continues_after_the_checkpoint(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    src = tmp_path / "r.hl7"
+    _write_file(src, 3, 0)
+    assert cli("replay", str(src), "--data-dir", str(data)).returncode == 0
+    first = json.loads(cli("replay", "--from-journal", "--data-dir", str(data), "--json").stdout)
+    assert first["applied"] == 3
+    # A resumed run starts after the last entry the previous run with the same filters finished.
+    resumed = json.loads(cli("replay", "--from-journal", "--resume", "--data-dir", str(data), "--json").stdout)
+    assert resumed["messages"] == 0
+    other = json.loads(cli("replay", "--from-journal", "--resume", "--type", "ADT^A04", "--data-dir", str(data),
+                           "--json").stdout)
+    assert other["messages"] == 3  # a different filter is a different run
