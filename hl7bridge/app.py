@@ -12,6 +12,7 @@ import contextlib
 import logging
 import signal
 import ssl
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -23,7 +24,7 @@ from hl7bridge.delivery import Delivery, DeliveryPolicy
 from hl7bridge.errors import AckCode, ErrCode, UnreadableMessage
 from hl7bridge.hl7.ack import build_ack
 from hl7bridge.hl7.envelope import DEFAULT_SUPPORTED, best_effort_envelope
-from hl7bridge.mapping import compile_rules, load_rules
+from hl7bridge.mapping import Problem, RulesError, compile_rules, load_rules
 from hl7bridge.metrics import Metrics
 from hl7bridge.mllp.server import ConnectionInfo, MllpServer
 from hl7bridge.ops import OpsServer
@@ -31,14 +32,20 @@ from hl7bridge.pipeline import GroupCommitter, Intake
 from hl7bridge.store import open_journal
 from hl7bridge.store.base import Journal
 
-__all__ = ["App", "build_mapper", "delivery_policy", "open_stores", "run"]
+__all__ = ["App", "build_mapper", "check_rules_fit_sink", "delivery_policy", "open_crm", "open_stores", "run"]
 
 log = logging.getLogger("hl7bridge.app")
 
 
 def build_mapper(config: Config) -> Any:
-    """Load, validate and compile the rules once (RulesError names file, line and key)."""
-    return compile_rules(load_rules(config.rules), default_timezone=config.timezone)
+    """Load, validate and compile the rules once (RulesError names file, line and key), and check that the
+    configured sink can enforce them."""
+    rules = load_rules(config.rules)
+    problems = check_rules_fit_sink(config, rules)
+    if problems:
+        where = str(config.rules or "built-in rules")
+        raise RulesError([Problem(where, None, "", f"does not fit the configured CRM: {p}") for p in problems])
+    return compile_rules(rules, default_timezone=config.timezone)
 
 
 def delivery_policy(config: Config) -> DeliveryPolicy:
@@ -50,13 +57,40 @@ def delivery_policy(config: Config) -> DeliveryPolicy:
     )
 
 
+def open_crm(config: Config) -> Sink:
+    """The CRM sink the config names: an HTTP CRM, else the store's CRM tables (SQLite or PostgreSQL)."""
+    if config.sink == "http":
+        from hl7bridge.crm.http import open_http_sink
+
+        assert config.http is not None
+        return open_http_sink(config.http)
+    if "://" not in config.store.crm_location():
+        config.store.data_dir.mkdir(parents=True, exist_ok=True)
+    return open_sink(config.store.crm_location())
+
+
+def crm_description(config: Config) -> str:
+    if config.sink == "http" and config.http is not None:
+        return f"http {config.http.preset} {config.http.base_url}"
+    return _redact_url(config.store.crm_location())
+
+
+def check_rules_fit_sink(config: Config, rules: Any) -> list[str]:
+    """Rules that the configured sink cannot enforce (an HTTP preset without reads, say): path-qualified."""
+    if config.sink != "http" or config.http is None:
+        return []
+    from hl7bridge.crm.http import rules_problems
+
+    return rules_problems(config.http, rules)
+
+
 def open_stores(config: Config) -> tuple[Journal, Sink]:
     """Open (and migrate) the journal and the CRM sink the config names."""
-    if any("://" not in loc for loc in (config.store.journal_location(), config.store.crm_location())):
+    if "://" not in config.store.journal_location():
         config.store.data_dir.mkdir(parents=True, exist_ok=True)
     journal = open_journal(config.store.journal_location())
     try:
-        sink = open_sink(config.store.crm_location())
+        sink = open_crm(config)
     except Exception:
         journal.close()
         raise
@@ -80,6 +114,9 @@ class App:
     async def start(self) -> None:
         cfg = self.config
         mapper = build_mapper(cfg)
+        # Each lane applies through a worker thread: size the pool so lanes never queue for a thread.
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(max_workers=cfg.delivery.lanes + 8, thread_name_prefix="hl7bridge"))
         self.journal, self.sink = await asyncio.to_thread(open_stores, cfg)
         self.committer = GroupCommitter(self.journal, timedelta(hours=cfg.intake.dedup_window_hours))
         self.delivery = Delivery(self.journal, self.sink, mapper, self.metrics, delivery_policy(cfg))
@@ -108,7 +145,7 @@ class App:
         self._probe = asyncio.create_task(self._probe_components(), name="component-probe")
         log.info("hl7bridge listening: mllp=%s:%d http=%s:%d journal=%s crm=%s ack_mode=%s",
                  lc.host, self.mllp.port, cfg.ops.host, self.ops.port,
-                 _redact_url(cfg.store.journal_location()), _redact_url(cfg.store.crm_location()),
+                 _redact_url(cfg.store.journal_location()), crm_description(cfg),
                  cfg.intake.ack_mode)
 
     async def _handle(self, payload: bytes, conn: ConnectionInfo) -> bytes:

@@ -33,6 +33,8 @@ __all__ = ["conflicts_from_rules", "register"]
 
 def _crm_location(cfg: Config, data_dir: Path | None, store: str | None, config: Path | None) -> str:
     """The CRM the bridge writes; refuses to invent an empty SQLite CRM at a mistyped path."""
+    if cfg.sink == "http":
+        return "http"
     if data_dir is None and store is None and config is None:
         fail("name the bridge's CRM store: --data-dir DIR or --store URL", 2)
     location = cfg.store.crm_location()
@@ -41,10 +43,14 @@ def _crm_location(cfg: Config, data_dir: Path | None, store: str | None, config:
     return location
 
 
-def _open_sink(location: str) -> Any:
+def _open_sink(location: str, cfg: Config | None = None) -> Any:
     from hl7bridge.crm import open_sink
 
     try:
+        if cfg is not None and cfg.sink == "http":
+            from hl7bridge.app import open_crm
+
+            return open_crm(cfg)
         return open_sink(location)
     except Exception as exc:
         fail(f"cannot open the CRM store: {getattr(exc, 'reason', None) or type(exc).__name__}")
@@ -120,7 +126,7 @@ def golive(
     conflicts = conflicts_from_rules(rules_obj)
     pid = rules_obj.settings.patient_id
     authority = authority or (pid.assigning_authorities[0] if pid.assigning_authorities else "GOLIVE")
-    sink = _open_sink(location)
+    sink = _open_sink(location, cfg)
     try:
         result = asyncio.run(run_golive(
             (host, port), sink, sync_window=sync_window, mrn_prefix=mrn_prefix,
@@ -187,7 +193,7 @@ def reconcile(
         patients, appointments = read_exports(exports, zone)
     except ExportError as exc:
         fail(str(exc), 2)
-    sink = _open_sink(_crm_location(cfg, data_dir, store, config))
+    sink = _open_sink(_crm_location(cfg, data_dir, store, config), cfg)
     try:
         contacts, crm_appointments = sink.contacts(), sink.appointments()
     except Exception as exc:

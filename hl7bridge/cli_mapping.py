@@ -36,16 +36,23 @@ def _default_rules_text() -> str:
 
 @mapping_app.command("check")
 def mapping_check(file: Annotated[Path, typer.Argument(help="Rules file.")],
-                  timezone: TimezoneOpt = None) -> None:
-    """Validate a rules file; errors name the file, line and key."""
+                  timezone: TimezoneOpt = None, config: ConfigOpt = None) -> None:
+    """Validate a rules file; errors name the file, line and key. With --config, also check that the
+    configured CRM sink can enforce every conflict rule (an HTTP preset without reads cannot do `crm`)."""
+    from hl7bridge.app import check_rules_fit_sink
     from hl7bridge.mapping import RulesError, compile_rules, load_rules
 
     if not file.exists():
         fail(f"no such rules file: {file}")
     try:
-        compile_rules(load_rules(file), default_timezone=timezone)
+        rules = load_rules(file)
+        compile_rules(rules, default_timezone=timezone)
     except RulesError as exc:
         fail(str(exc), 2)
+    if config is not None:
+        problems = check_rules_fit_sink(make_config(config), rules)
+        if problems:
+            fail(f"{file}: does not fit the configured CRM\n" + "\n".join(f"  {p}" for p in problems), 2)
     typer.echo(f"{file}: valid")
 
 

@@ -16,6 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from hl7bridge.crm.http_config import HttpSinkConfig
+
 __all__ = ["Config", "ConfigError", "load_config"]
 
 
@@ -117,6 +119,10 @@ class Config(BaseSettings):
     store: StoreConfig = StoreConfig()
     ops: OpsConfig = OpsConfig()
     logging: LoggingConfig = LoggingConfig()
+    #: Where CRM operations go: the `store` (SQLite in data_dir, or PostgreSQL) or an HTTP CRM (`http:`).
+    sink: Literal["store", "http"] = "store"
+    #: The HTTP CRM (preset salesforce | hubspot | generic, base_url, auth, rate limit); see docs/http-sink.md.
+    http: HttpSinkConfig | None = None
     #: Mapping rules file; None = the built-in default rules.
     rules: Path | None = None
     #: Default facility timezone for timestamps without an offset; None = the system's zone.
@@ -133,9 +139,13 @@ class Config(BaseSettings):
         return v
 
     @model_validator(mode="after")
-    def _tls_pair(self) -> Config:
+    def _consistent(self) -> Config:
         if (self.listener.tls_cert is None) != (self.listener.tls_key is None):
             raise ValueError("listener.tls_cert and listener.tls_key must be given together")
+        if self.sink == "http" and self.http is None:
+            raise ValueError("sink: http needs an `http:` section (preset, base_url, auth)")
+        if self.sink != "http" and self.http is not None:
+            raise ValueError("an `http:` section is only used with sink: http")
         return self
 
     # Sources, highest precedence first: flags (init kwargs), environment, the YAML file.
