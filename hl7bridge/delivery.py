@@ -28,7 +28,8 @@ import hl7
 
 from hl7bridge.crm.base import Sink
 from hl7bridge.errors import Hl7BridgeError, MappingError, TransientSinkError
-from hl7bridge.hl7.parse import parse_message
+from hl7bridge.hl7.access import MessageView
+from hl7bridge.hl7.lean import lean_view
 from hl7bridge.records import CrmOp, Filtered, JournalEntry, OpResult
 from hl7bridge.store.base import Journal
 
@@ -38,7 +39,7 @@ log = logging.getLogger("hl7bridge.delivery")
 
 
 class Mapper(Protocol):
-    def map(self, msg: hl7.Message) -> list[CrmOp] | Filtered: ...
+    def map(self, msg: hl7.Message | MessageView) -> list[CrmOp] | Filtered: ...
 
 
 class DeliveryMetrics(Protocol):
@@ -75,8 +76,7 @@ def apply_entry(
 ) -> list[OpResult] | Filtered:
     """Parse, map and apply one journal entry (synchronous; runs in a worker thread). Raises Hl7BridgeError."""
     try:
-        msg = parse_message(entry.raw, default_charset)
-        result = mapper.map(msg)
+        result = mapper.map(lean_view(entry.raw, default_charset))
     except Hl7BridgeError:
         raise
     except Exception as exc:  # a mapping bug must dead-letter the message, not kill the worker

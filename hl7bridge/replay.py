@@ -26,7 +26,7 @@ from hl7bridge.delivery import Delivery, DeliveryPolicy, Mapper, apply_entry
 from hl7bridge.errors import Hl7BridgeError
 from hl7bridge.hl7.batch import read_paths
 from hl7bridge.hl7.envelope import DEFAULT_SUPPORTED
-from hl7bridge.hl7.parse import parse_message
+from hl7bridge.hl7.lean import lean_view
 from hl7bridge.pipeline import GroupCommitter, Intake
 from hl7bridge.records import CrmOp, Filtered, JournalEntry
 from hl7bridge.store.base import Journal
@@ -207,7 +207,7 @@ def dry_run(messages: Iterable[tuple[Path, int, bytes]], mapper: Mapper,
     for path, index, raw in messages:
         item: dict[str, Any] = {"file": str(path), "index": index}
         try:
-            result = mapper.map(parse_message(raw, default_charset))
+            result = mapper.map(lean_view(raw, default_charset))
         except Hl7BridgeError as exc:
             item.update(outcome="rejected", error=exc.kind, err_code=exc.err_code.value, reason=exc.reason)
         else:

@@ -26,6 +26,7 @@ import itertools
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import hl7
 
@@ -97,13 +98,20 @@ def _leaf(rep: Rep, comp: int, sub: int = 1) -> str:
 class MessageView:
     """The segments of one message (or one segment group), normalised lazily, plus its separators."""
 
-    __slots__ = ("_cache", "_names", "_segments", "seps")
+    __slots__ = ("_cache", "_lean", "_names", "_segments", "seps")
 
-    def __init__(self, segments: Sequence[hl7.Segment], seps: Separators) -> None:
+    def __init__(self, segments: Sequence[Any], seps: Separators) -> None:
+        # Segments are python-hl7 Segments, or lean.LeanSegments (raw field strings, split on demand):
+        # both are indexed the same way, and the differential tests hold them to the same values.
         self._segments = list(segments)
-        self._names = [str(seg[0]).strip() for seg in self._segments]
+        self._lean = bool(self._segments) and hasattr(self._segments[0], "normalised")
+        self._names = [seg.name() if self._lean else str(seg[0]).strip() for seg in self._segments]
         self.seps = seps
         self._cache: dict[tuple[int, int], tuple[Rep, ...]] = {}
+
+    @classmethod
+    def from_segments(cls, segments: Sequence[Any], seps: Separators) -> MessageView:
+        return cls(segments, seps)
 
     @classmethod
     def from_message(cls, msg: hl7.Message) -> MessageView:
@@ -124,12 +132,17 @@ class MessageView:
         key = (seg_index, number)
         if key not in self._cache:
             seg = self._segments[seg_index]
-            self._cache[key] = _norm_field(seg[number]) if number < len(seg) else ()
+            if number >= len(seg):
+                self._cache[key] = ()
+            else:
+                self._cache[key] = seg.normalised(number) if self._lean else _norm_field(seg[number])
         return self._cache[key]
 
     def raw_field(self, seg_index: int, number: int) -> str:
         """Field text as sent (escapes still encoded)."""
         seg = self._segments[seg_index]
+        if self._lean:
+            return seg.raw(number)  # type: ignore[no-any-return]
         return str(seg[number]) if number < len(seg) else ""
 
     def decode(self, text: str) -> str:

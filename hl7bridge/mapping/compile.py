@@ -117,8 +117,9 @@ class Mapper:
 
     # --- mapping -------------------------------------------------------------------------------------
 
-    def map(self, msg: hl7.Message) -> list[CrmOp] | Filtered:
-        view = MessageView.from_message(msg)
+    def map(self, msg: hl7.Message | MessageView) -> list[CrmOp] | Filtered:
+        """Map a python-hl7 Message, or a MessageView (`hl7.lean.lean_view`, what the workers use)."""
+        view = msg if isinstance(msg, MessageView) else MessageView.from_message(msg)
         event = self._event(view)
         routes = self._routes.get(event)
         if not routes:
