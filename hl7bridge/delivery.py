@@ -107,6 +107,8 @@ class Delivery:
         # Recently settled entries, so an after_apply waiter registered a moment too late still gets its answer.
         self._settled_recently: OrderedDict[int, Hl7BridgeError | None] = OrderedDict()
         self._runner: asyncio.Task[None] | None = None
+        #: Entries this Delivery settled (applied, filtered or dead-lettered) since it started.
+        self.settled = 0
         self._gauges: asyncio.Task[None] | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------------
@@ -252,6 +254,7 @@ class Delivery:
                 await asyncio.sleep(0.2 * (attempt + 1))
 
     def _resolve(self, journal_id: int, error: Hl7BridgeError | None) -> None:
+        self.settled += 1
         self._settled_recently[journal_id] = error
         while len(self._settled_recently) > 10_000:
             self._settled_recently.popitem(last=False)

@@ -127,27 +127,28 @@ async def replay_files(
 
 async def _wait_settled(journal: Journal, delivery: Delivery, first_id: int, ids: set[int],
                         summary: ReplaySummary, progress: Progress | None, timeout: float) -> None:
-    """Poll (bounded) until every entry from first_id on is settled, or only backed-off retries remain."""
+    """Poll (bounded) until every entry we journaled is settled, or only backed-off retries remain.
+    Polls only the pending entries (cheap on a 100k-message replay); one full read at the end."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     reported = 0
     while True:
-        entries = [e for e in await asyncio.to_thread(journal.query, after_id=first_id - 1) if e.id in ids]
-        states = Counter(e.state for e in entries)
-        settled = states["done"] + states["filtered"] + states["dead"]
-        if progress and settled > reported:
-            progress("apply", settled - reported, summary.accepted)
-            reported = settled
-        pending = [e for e in entries if e.state == "pending"]
+        pending = [e for e in await asyncio.to_thread(journal.query, states=["pending"], after_id=first_id - 1,
+                                                      limit=2000) if e.id in ids]
+        if progress and delivery.settled > reported:
+            progress("apply", delivery.settled - reported, summary.accepted)
+            reported = delivery.settled
         if not pending or (delivery.idle and all(e.attempts > 0 for e in pending)) or loop.time() > deadline:
-            summary.applied = states["done"]
-            summary.dead = states["dead"]
-            summary.filtered = states["filtered"]
-            summary.still_pending = len(pending)
-            summary.errors = dict(Counter(e.error_kind for e in entries if e.state == "dead"))
-            return
+            break
         delivery.wake()
         await asyncio.sleep(0.2)
+    entries = [e for e in await asyncio.to_thread(journal.query, after_id=first_id - 1) if e.id in ids]
+    states = Counter(e.state for e in entries)
+    summary.applied = states["done"]
+    summary.dead = states["dead"]
+    summary.filtered = states["filtered"]
+    summary.still_pending = states["pending"]
+    summary.errors = dict(Counter(e.error_kind for e in entries if e.state == "dead"))
 
 
 def _checkpoint_key(filters: dict[str, Any]) -> str:

@@ -7,10 +7,11 @@ not of the patient) and PHI-free reasons.
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from hl7bridge.errors import AckCode, ErrCode, Hl7BridgeError, UnreadableMessage, enhanced
 from hl7bridge.hl7.parse import (
@@ -56,28 +57,90 @@ _MSA3_MAX = 80
 _LOCATION = re.compile(r"^([A-Z][A-Z0-9]{2})(?:-(\d+)(?:\[(\d+)\])?(?:\.(\d+)(?:\.(\d+))?)?)?$")
 
 
+#: Two base-36 digits per table entry: half the divisions of a digit-by-digit conversion.
+_B36_PAIRS = tuple(a + b for a in _B36 for b in _B36)
+
+
 def _base36(value: int, width: int) -> str:
-    digits = []
-    for _ in range(width):
-        value, rem = divmod(value, 36)
-        digits.append(_B36[rem])
-    return "".join(reversed(digits))
+    """`value` in `width` base-36 digits (upper case, zero-padded, high digits beyond `width` dropped)."""
+    pairs = []
+    for _ in range((width + 1) // 2):
+        value, rem = divmod(value, 1296)
+        pairs.append(_B36_PAIRS[rem])
+    text = "".join(reversed(pairs))
+    return text[1:] if width % 2 else text
+
+
+class _ControlIds:
+    """Fresh MSH-10 values without a system call per ACK (`secrets` reads os.urandom on every call).
+
+    The random part is a per-process start drawn once from os.urandom (and drawn again in a forked
+    child, so forked workers cannot repeat each other) plus a counter: ids never repeat within a
+    process, and two processes collide only if their 57-bit starts land within a few counts of each
+    other in the same millisecond.
+    """
+
+    __slots__ = ("_ms", "_next", "_prefix")
+
+    def __init__(self) -> None:
+        self._ms = -1
+        self._prefix = ""
+        self._next = 0
+        self.reseed()
+
+    def reseed(self) -> None:
+        self._next = secrets.randbelow(_RANDOM_SPACE)
+
+    def __call__(self) -> str:
+        ms = time.time_ns() // 1_000_000
+        if ms != self._ms:  # the 9-digit time prefix changes at most once per millisecond
+            self._ms, self._prefix = ms, _base36(ms, 9)
+        value = self._next
+        self._next = (value + 1) % _RANDOM_SPACE
+        return self._prefix + _base36(value, 11)
+
+
+_RANDOM_SPACE = 36**11
+_control_ids = _ControlIds()
+os.register_at_fork(after_in_child=_control_ids.reseed)
 
 
 def new_control_id() -> str:
     """A fresh MSH-10 for an outbound message: 20 characters, sortable by time, unique across processes.
 
-    9 base-36 digits of Unix milliseconds (good until the year 5000) then 11 random base-36 digits
-    (~57 bits from os.urandom, so forked workers cannot repeat each other).
+    9 base-36 digits of Unix milliseconds (good until the year 5000) then 11 base-36 digits from a
+    per-process random start (~57 bits from os.urandom) and a counter (see `_ControlIds`).
     """
-    return _base36(time.time_ns() // 1_000_000, 9) + _base36(secrets.randbelow(36**11), 11)
+    return _control_ids()
+
+
+class _Stamps:
+    """MSH-7 text per (second, UTC offset): strftime is the costliest step of an ACK, and a busy
+    listener stamps thousands of ACKs within one second."""
+
+    __slots__ = ("head", "offset", "second", "zone")
+
+    def __init__(self) -> None:
+        self.second: datetime | None = None
+        self.offset: timedelta | None = None
+        self.head = ""
+        self.zone = ""
+
+
+_stamps = _Stamps()
 
 
 def _timestamp(now: datetime) -> str:
-    if now.tzinfo is None or now.utcoffset() is None:
+    offset = now.utcoffset()
+    if now.tzinfo is None or offset is None:
         raise ValueError("ACK timestamps must be timezone-aware")
-    offset = now.strftime("%z")[:5]  # "+HHMM"; %z can add seconds, which DTM cannot carry
-    return f"{now:%Y%m%d%H%M%S}.{now.microsecond // 100:04d}{offset}"
+    second = now.replace(microsecond=0)
+    cache = _stamps
+    # Aware datetimes compare as instants, so the offset is compared too: same instant, other zone.
+    if cache.second != second or cache.offset != offset:
+        head, zone = now.strftime("%Y%m%d%H%M%S|%z").split("|")
+        cache.second, cache.offset, cache.head, cache.zone = second, offset, head, zone[:5]  # DTM: ±HHMM only
+    return f"{cache.head}.{now.microsecond // 100:04d}{cache.zone}"
 
 
 def error_location(location: str | None, component_sep: str = "^") -> str:

@@ -82,6 +82,64 @@ class _CloseConnectionError(Exception):
     """Internal: end this connection (the reason was already logged and reported)."""
 
 
+class _ReadDeadline:
+    """The deadline of one connection's read, without a timer per read.
+
+    `asyncio.timeout` around every read creates, reschedules and cancels a timer per message. Here one
+    timer per connection is moved lazily: arming with a later deadline only records it, and when the
+    timer fires early it re-arms itself for the recorded deadline; only an earlier deadline (a frame
+    started: the mid-frame timeout is shorter) moves the timer at once. On expiry during a read the task
+    is cancelled, exactly as `asyncio.timeout` does, and `expired()` tells the caller it was us.
+    """
+
+    __slots__ = ("_armed", "_deadline", "_fired", "_handle", "_loop", "_task", "_when")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[None]) -> None:
+        self._loop = loop
+        self._task = task
+        self._deadline = 0.0
+        self._when = 0.0
+        self._armed = False
+        self._fired = False
+        self._handle: asyncio.TimerHandle | None = None
+
+    def arm(self, deadline: float) -> None:
+        self._deadline = deadline
+        self._armed = True
+        if self._handle is None or deadline < self._when:
+            if self._handle is not None:
+                self._handle.cancel()
+            self._when = deadline
+            self._handle = self._loop.call_at(deadline, self._check)
+
+    def disarm(self) -> None:
+        self._armed = False
+
+    def expired(self) -> bool:
+        """After a CancelledError in the read: True if this deadline caused it and no other cancellation
+        (stop()) is pending, in which case the cancellation is consumed."""
+        if not self._fired:
+            return False
+        self._fired = False
+        return self._task.uncancel() == 0
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _check(self) -> None:
+        self._handle = None
+        if not self._armed:
+            return  # not reading (a handler runs): the next arm() starts a timer again
+        if self._loop.time() >= self._deadline:
+            self._fired = True
+            self._task.cancel()
+        else:
+            self._when = self._deadline
+            self._handle = self._loop.call_at(self._deadline, self._check)
+
+
 class _Connection:
     """Per-connection state that `stop()` needs to see."""
 
@@ -248,34 +306,41 @@ class MllpServer:
     async def _serve(self, conn: _Connection, reader: asyncio.StreamReader) -> None:
         loop = asyncio.get_running_loop()
         framer = MllpFramer(self.max_frame_bytes, self.require_trailing_cr)
+        deadline = _ReadDeadline(loop, conn.task)
         idle_deadline = loop.time() + self.idle_timeout
         frame_deadline = 0.0
-        while True:
-            in_frame = framer.in_frame
-            try:
-                async with asyncio.timeout_at(frame_deadline if in_frame else idle_deadline):
+        try:
+            while True:
+                in_frame = framer.in_frame
+                deadline.arm(frame_deadline if in_frame else idle_deadline)
+                try:
                     data = await reader.read(_READ_SIZE)
-            except TimeoutError:
-                reason = "timeout_mid_frame" if in_frame else "idle_timeout"
-                self._reject(conn, reason)
-                return
-            if not data:
-                for event in framer.feed_eof():
-                    self._violation(conn, event)
-                return
-            events = framer.feed(data)
-            for event in events:
-                if isinstance(event, Frame):
-                    await self._answer(conn, event.payload)
-                    if conn.stopping:
-                        return
-                    idle_deadline = loop.time() + self.idle_timeout
-                else:
-                    self._violation(conn, event)
-            if framer.in_frame and (not in_frame or events):
-                # A frame started in this chunk. Count from now, not from the read: time spent answering
-                # earlier frames of the same chunk is ours, not the sender's.
-                frame_deadline = loop.time() + self.frame_timeout
+                except asyncio.CancelledError:
+                    if not deadline.expired():
+                        raise
+                    self._reject(conn, "timeout_mid_frame" if in_frame else "idle_timeout")
+                    return
+                finally:
+                    deadline.disarm()
+                if not data:
+                    for event in framer.feed_eof():
+                        self._violation(conn, event)
+                    return
+                events = framer.feed(data)
+                for event in events:
+                    if isinstance(event, Frame):
+                        await self._answer(conn, event.payload)
+                        if conn.stopping:
+                            return
+                        idle_deadline = loop.time() + self.idle_timeout
+                    else:
+                        self._violation(conn, event)
+                if framer.in_frame and (not in_frame or events):
+                    # A frame started in this chunk. Count from now, not from the read: time spent
+                    # answering earlier frames of the same chunk is ours, not the sender's.
+                    frame_deadline = loop.time() + self.frame_timeout
+        finally:
+            deadline.close()
 
     def _violation(self, conn: _Connection, event: object) -> None:
         """Report a framing event; every one except junk ends the connection."""
@@ -312,6 +377,8 @@ class MllpServer:
                     logger.error("MLLP error responder raised %s", type(exc2).__name__)
                     raise _CloseConnectionError from None
             conn.writer.write(encode_frame(ack))
+            if not conn.writer.transport.get_write_buffer_size():
+                return  # the kernel took the whole ACK: nothing to drain, no timer needed
             try:
                 async with asyncio.timeout(self.ack_write_timeout):
                     await conn.writer.drain()

@@ -1,10 +1,13 @@
 """The embedded journal: one SQLite file in WAL mode.
 
-One writer connection guarded by a lock: SQLite serialises writers anyway, and one connection lets the
-intake's group commits, the workers' marks and operator commands share a single write path without
-SQLITE_BUSY churn. Reads (next_ready, query, counts, ...) use a second connection under its own lock: in
-WAL mode readers never block the writer, so a slow scan over a large backlog cannot delay an ACK. Other
-processes (the CLI while `serve` runs) coexist through WAL + busy_timeout.
+One writer lock: SQLite serialises writers anyway, and one lock lets the intake's group commits, the
+workers' marks and operator commands share a single write path without SQLITE_BUSY churn. Under it, two
+writer connections: one with synchronous=FULL (appends, operator commands), one with synchronous=NORMAL
+(marks), so no transaction has to switch the level first (a switch was two more statements, and GIL
+round trips, per delivered message while holding the lock the ACK path waits for). Reads (next_ready,
+query, counts, ...) use a third connection under its own lock: in WAL mode readers never block the
+writer, so a slow scan over a large backlog cannot delay an ACK. Other processes (the CLI while `serve`
+runs) coexist through WAL + busy_timeout.
 
 Durability: `append_batch` and the operator commands commit with synchronous=FULL (the WAL is fsynced
 before COMMIT returns, so an AA sent afterwards survives power loss). `mark` commits with
@@ -47,7 +50,9 @@ def _unavailable(exc: sqlite3.Error) -> JournalUnavailable:
 
 
 def _connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+    # A large statement cache: append_batch builds one multi-row statement per batch size.
+    conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False,
+                           cached_statements=512)
     conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
     conn.execute("PRAGMA journal_mode=WAL")
     return conn
@@ -60,13 +65,15 @@ class SqliteJournal:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._rlock = threading.Lock()
-        self._sync_full: bool | None = None
-        self._conn: sqlite3.Connection | None = None
+        self._conn: sqlite3.Connection | None = None  # synchronous=FULL
+        self._mconn: sqlite3.Connection | None = None  # synchronous=NORMAL, for mark()
         self._rconn: sqlite3.Connection | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._conn = _connect(self.path, busy_timeout)
-            self._set_sync(durable=True)
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._mconn = _connect(self.path, busy_timeout)
+            self._mconn.execute("PRAGMA synchronous=NORMAL")
             self._rconn = _connect(self.path, busy_timeout)
         except sqlite3.Error as e:
             self.close()
@@ -77,21 +84,15 @@ class SqliteJournal:
 
     # --- plumbing ------------------------------------------------------------------------------------
 
-    def _set_sync(self, *, durable: bool) -> None:
-        if self._sync_full is not durable and self._conn is not None:
-            self._conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-            self._sync_full = durable
-
     @contextmanager
     def _write(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
         """One write transaction under the lock; BEGIN IMMEDIATE takes the write lock up front so that a
         concurrent writer in another process waits (busy_timeout) instead of failing mid-transaction."""
         with self._lock:
-            conn = self._conn
+            conn = self._conn if durable else self._mconn
             if conn is None:
                 raise JournalUnavailable("journal unavailable: closed")
             try:
-                self._set_sync(durable=durable)
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     yield conn
@@ -138,30 +139,17 @@ class SqliteJournal:
                 conn.execute("INSERT INTO journal_schema_version VALUES (?, ?)", (version, now))
 
     def append_batch(self, entries: Sequence[NewEntry], dedup_window: timedelta) -> list[AppendResult]:
+        # A handful of statements per batch whatever its size (one dedup lookup, one multi-row INSERT per
+        # table), not a few per entry: every sqlite3 call releases and re-takes the GIL, and in a process
+        # whose workers parse messages each re-take can wait a whole switch interval (5 ms).
         if not entries:
             return []
         now = _ts(datetime.now(UTC))
         with self._write() as conn:
-            originals: dict[s.DedupKey, s.Original] = {}
-            for key in {k for e in entries if (k := s.dedup_key(e)) is not None}:
-                row = conn.execute(
-                    "SELECT id, ack_code, received_at FROM journal WHERE sending_application = ? "
-                    "AND sending_facility = ? AND control_id = ? AND state <> 'rejected' "
-                    "ORDER BY id DESC LIMIT 1",
-                    key,
-                ).fetchone()
-                if row is not None:
-                    originals[key] = s.Original(row[0], row[1], _dt(row[2]))
+            keys = list({k for e in entries if (k := s.dedup_key(e)) is not None})
+            originals = _originals(conn, keys)
             plan = s.plan_batch(entries, dedup_window, originals)
-            insert = (
-                f"INSERT INTO journal ({', '.join(s.INSERT_COLUMNS)}) "
-                f"VALUES ({', '.join('?' * len(s.INSERT_COLUMNS))})"
-            )
-            new_ids: list[int] = []
-            for i in plan.store:
-                cur = conn.execute(insert, s.insert_values(entries[i], _ts, now))
-                assert cur.lastrowid is not None
-                new_ids.append(cur.lastrowid)
+            new_ids = _insert_entries(conn, [s.insert_values(entries[i], _ts, now) for i in plan.store])
             resends = s.group_resends(plan, new_ids)
             if resends:
                 conn.executemany(
@@ -169,10 +157,8 @@ class SqliteJournal:
                     [(n, now, eid) for eid, n in resends.items()],
                 )
             history = s.history_rows(plan, entries, new_ids)
-            conn.executemany(
-                "INSERT INTO journal_history (entry_id, at, event, detail) VALUES (?, ?, ?, ?)",
-                [(eid, now, event, detail) for eid, event, detail in history],
-            )
+            _insert_rows(conn, "journal_history (entry_id, at, event, detail)",
+                         [(eid, now, event, detail) for eid, event, detail in history])
         return plan.results(entries, new_ids)
 
     def next_ready(
@@ -377,12 +363,64 @@ class SqliteJournal:
                     self._rconn.close()
                 self._rconn = None
         with self._lock:
-            if self._conn is not None:
-                with suppress(sqlite3.Error):
-                    self._conn.close()
-                self._conn = None
+            for conn in (self._mconn, self._conn):
+                if conn is not None:
+                    with suppress(sqlite3.Error):
+                        conn.close()
+            self._conn = self._mconn = None
 
 
 def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+#: Rows per multi-row statement: well under SQLite's bound-parameter limit (32766) with 19 columns.
+_ROWS_PER_STATEMENT = 256
+_INSERT_ENTRY_COLUMNS = ("id", *s.INSERT_COLUMNS)
+
+
+def _originals(conn: sqlite3.Connection, keys: list[s.DedupKey]) -> dict[s.DedupKey, s.Original]:
+    """The latest accepted entry for each dedup key, in one statement per 256 keys (an index search
+    per key through `journal_dedup`)."""
+    out: dict[s.DedupKey, s.Original] = {}
+    for start in range(0, len(keys), _ROWS_PER_STATEMENT):
+        chunk = keys[start : start + _ROWS_PER_STATEMENT]
+        sql = (
+            f"WITH k(a, f, c) AS (VALUES {', '.join(['(?, ?, ?)'] * len(chunk))}) "
+            "SELECT k.a, k.f, k.c, j.id, j.ack_code, j.received_at FROM k JOIN journal AS j ON j.id = ("
+            "SELECT MAX(id) FROM journal WHERE sending_application = k.a AND sending_facility = k.f "
+            "AND control_id = k.c AND state <> 'rejected')"
+        )
+        params = [v for key in chunk for v in key]
+        for a, f, c, eid, ack_code, received_at in conn.execute(sql, params).fetchall():
+            out[(a, f, c)] = s.Original(eid, ack_code, _dt(received_at))
+    return out
+
+
+def _insert_entries(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[int]:
+    """Insert journal rows with explicit ids, returned in order. The ids are the next ones AUTOINCREMENT
+    would give (above both the highest id and the sqlite_sequence high-water mark, so purged ids are
+    never reused); the caller holds the write transaction, so nobody else can take them."""
+    if not rows:
+        return []
+    base = conn.execute(
+        "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'journal'), 0), "
+        "COALESCE((SELECT MAX(id) FROM journal), 0))"
+    ).fetchone()[0]
+    ids = list(range(base + 1, base + 1 + len(rows)))
+    _insert_rows(conn, f"journal ({', '.join(_INSERT_ENTRY_COLUMNS)})",
+                 [(eid, *row) for eid, row in zip(ids, rows, strict=True)])
+    return ids
+
+
+def _insert_rows(conn: sqlite3.Connection, target: str, rows: list[tuple[Any, ...]]) -> None:
+    """INSERT many rows with one statement per 256 (one step each, where executemany steps per row)."""
+    if not rows:
+        return
+    width = len(rows[0])
+    one = f"({', '.join('?' * width)})"
+    for start in range(0, len(rows), _ROWS_PER_STATEMENT):
+        chunk = rows[start : start + _ROWS_PER_STATEMENT]
+        conn.execute(f"INSERT INTO {target} VALUES {', '.join([one] * len(chunk))}",
+                     [v for row in chunk for v in row])
