@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -150,29 +150,35 @@ class Delivery:
     # --- the loop ----------------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        # Heads of line fetched ahead (each the earliest pending entry of its patient at fetch time), so the
+        # journal is asked once per many deliveries instead of once per delivery: finding the heads is a
+        # grouped query over every pending entry, the costliest read on a large backlog.
+        ready: deque[JournalEntry] = deque()
         while not self._stopping:
             self._wake.clear()
             free = self._policy.lanes - len(self._inflight)
-            if free > 0:
+            if free > 0 and not ready:
                 try:
-                    ready = await asyncio.to_thread(
-                        self._journal.next_ready, free, datetime.now(UTC), set(self._inflight),
-                        self._policy.hold,
+                    fetched = await asyncio.to_thread(
+                        self._journal.next_ready, self._policy.lanes * _PREFETCH, datetime.now(UTC),
+                        set(self._inflight), self._policy.hold,
                     )
                 except Exception as exc:
                     log.error("cannot read the journal (%s); retrying", type(exc).__name__)
-                    ready = []
-                for entry in ready:
-                    lane = _lane_key(entry)
-                    if lane in self._inflight:
-                        continue
-                    task = asyncio.create_task(self._process(entry), name=f"deliver-{entry.id}")
-                    self._inflight[lane] = task
-                    task.add_done_callback(lambda _t, lane=lane: self._done(lane))
-                if len(ready) >= free:
-                    # All lanes busy: wait for one to finish (the done callback sets the event).
-                    await self._wake.wait()
-                    continue
+                    fetched = []
+                ready.extend(fetched)
+            while ready and len(self._inflight) < self._policy.lanes:
+                entry = ready.popleft()
+                lane = _lane_key(entry)
+                if lane in self._inflight:
+                    continue  # that patient is busy; its entry comes back with the next fetch
+                task = asyncio.create_task(self._process(entry), name=f"deliver-{entry.id}")
+                self._inflight[lane] = task
+                task.add_done_callback(lambda _t, lane=lane: self._done(lane))
+            if ready or len(self._inflight) >= self._policy.lanes:
+                # Lanes busy (or work in hand): wait for one to finish (the done callback sets the event).
+                await self._wake.wait()
+                continue
             try:
                 await asyncio.wait_for(self._wake.wait(), self._policy.poll_interval)
             except TimeoutError:
@@ -273,6 +279,10 @@ class Delivery:
             except Exception as exc:
                 log.warning("cannot read journal counts (%s)", type(exc).__name__)
             await asyncio.sleep(2.0)
+
+
+#: Heads of line fetched per lane and journal read.
+_PREFETCH = 16
 
 
 def _lane_key(entry: JournalEntry) -> str:

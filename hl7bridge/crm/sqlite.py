@@ -13,6 +13,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -66,6 +67,27 @@ def _reraise(exc: sqlite3.Error) -> NoReturn:
     raise_sink_error(_translate(exc), exc)
 
 
+def _as_sink_error(exc: BaseException) -> SinkError:
+    """Errors raised while applying one message of a batch, as the sink error its caller will see."""
+    if isinstance(exc, SinkError):
+        return exc
+    if isinstance(exc, sqlite3.Error):
+        return _translate(exc)
+    return PermanentSinkError(f"crm: cannot apply ({type(exc).__name__})")
+
+
+@dataclass(slots=True, eq=False)
+class _ApplyRequest:
+    """One message waiting for the next group commit."""
+
+    ops: Sequence[CrmOp]
+    message_key: str | None
+    force: bool
+    results: list[OpResult] = field(default_factory=list)
+    error: SinkError | None = None
+    done: bool = False
+
+
 class SqliteSink(SqlSink):
     """The `Sink` protocol over a SQLite file (created with its directory when missing)."""
 
@@ -75,6 +97,8 @@ class SqliteSink(SqlSink):
     def __init__(self, path: Path, *, busy_timeout_s: float = 5.0) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
+        self._queue_lock = threading.Lock()
+        self._queue: list[_ApplyRequest] = []
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, the module never opens one behind us.
@@ -123,17 +147,56 @@ class SqliteSink(SqlSink):
 
     def apply(self, ops: Sequence[CrmOp], *, message_key: str | None = None,
               force: bool = False) -> list[OpResult]:
+        """Group commit: applies waiting on the lock are committed together (one fsync per batch), each
+        message in its own savepoint, so one message's failure never undoes or blocks another's.
+        Results are handed out only after the batch's COMMIT, so nobody reports an uncommitted apply."""
+        request = _ApplyRequest(ops, message_key, force)
+        with self._queue_lock:
+            self._queue.append(request)
+        with self._lock:
+            if not request.done:
+                with self._queue_lock:
+                    batch, self._queue = self._queue, []
+                self._apply_batch(batch)
+        if request.error is not None:
+            raise request.error
+        return request.results
+
+    def _apply_batch(self, batch: list[_ApplyRequest]) -> None:
+        conn = self._conn
         now = datetime.now(UTC)
-        with self._tx() as conn:
-            if message_key is not None and not force and conn.execute(
-                    "SELECT 1 FROM applied WHERE message_key = ?", (message_key,)).fetchone():
-                return [OpResult(op.entity, op.key, Outcome.ALREADY_APPLIED.value) for op in ops]
-            tx = self._crm_tx(conn)
-            results = [apply_op(tx, op, now=now, message_key=message_key) for op in ops]
-            if message_key is not None:
-                conn.execute("INSERT INTO applied (message_key, applied_at) VALUES (?, ?) "
-                             "ON CONFLICT (message_key) DO UPDATE SET applied_at = excluded.applied_at",
-                             (message_key, iso(now)))
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for request in batch:
+                conn.execute("SAVEPOINT message")
+                try:
+                    request.results = self._apply_one(conn, request, now)
+                    conn.execute("RELEASE message")
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO message")
+                    conn.execute("RELEASE message")
+                    request.error = _as_sink_error(exc)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            error = _as_sink_error(exc)
+            for request in batch:
+                request.error, request.results = error, []
+        for request in batch:
+            request.done = True
+
+    def _apply_one(self, conn: sqlite3.Connection, request: _ApplyRequest, now: datetime) -> list[OpResult]:
+        ops, message_key = request.ops, request.message_key
+        if message_key is not None and not request.force and conn.execute(
+                "SELECT 1 FROM applied WHERE message_key = ?", (message_key,)).fetchone():
+            return [OpResult(op.entity, op.key, Outcome.ALREADY_APPLIED.value) for op in ops]
+        tx = self._crm_tx(conn)
+        results = [apply_op(tx, op, now=now, message_key=message_key) for op in ops]
+        if message_key is not None:
+            conn.execute("INSERT INTO applied (message_key, applied_at) VALUES (?, ?) "
+                         "ON CONFLICT (message_key) DO UPDATE SET applied_at = excluded.applied_at",
+                         (message_key, iso(now)))
         return results
 
     def ping(self) -> None:
