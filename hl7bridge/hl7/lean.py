@@ -54,7 +54,9 @@ def lean_view(raw: bytes | str, default_charset: str = "utf-8") -> MessageView:
     """Decode (MSH-18), normalise terminators, check separators, and index the segments for the mapper."""
     charset = sniff_charset(raw) if isinstance(raw, bytes) else ""
     text = decode(raw, charset, default_charset) if isinstance(raw, bytes) else raw
-    text = normalise_segments(text)
+    # Like python-hl7, whitespace at either end of the whole message is not content (trailing blanks after
+    # the last field are common in feeds written by hand or by fixed-width exporters).
+    text = normalise_segments(text).strip()
     field_sep, enc = read_separators(text)
     if len(enc) < 4:
         raise UnreadableMessage("MSH-2 must hold four encoding characters", location="MSH-2")
