@@ -207,7 +207,7 @@ class Delivery:
         if isinstance(outcome, Filtered):
             await self._mark(entry.id, "filtered", event=f"filtered: {outcome.reason}", reason=outcome.reason)
             self._metrics.filtered(_bounded_reason(outcome.reason))
-            log.info("message journal_id=%s control_id=%s outcome=filtered", entry.id, entry.control_id[:40])
+            log.debug("message journal_id=%s control_id=%s outcome=filtered", entry.id, entry.control_id[:40])
         else:
             summary = ", ".join(f"{r.entity}:{r.outcome}" for r in outcome) or "no operations"
             await self._mark(entry.id, "done", event=f"applied: {summary}")
@@ -216,8 +216,10 @@ class Delivery:
             for r in outcome:
                 if r.entity == "contact" and r.outcome == "created":
                     self._metrics.contact_created(entry.trigger)
-            log.info("message journal_id=%s control_id=%s outcome=applied ops=%s",
-                     entry.id, entry.control_id[:40], summary)
+            # DEBUG: intake already logged this message's one INFO line (ACK outcome); a failure to apply is
+            # logged at WARNING/ERROR below, so INFO stays one line per message and off the hot path.
+            log.debug("message journal_id=%s control_id=%s outcome=applied ops=%s",
+                      entry.id, entry.control_id[:40], summary)
         self._resolve(entry.id, None)
 
     async def _failed(self, entry: JournalEntry, exc: Hl7BridgeError) -> None:
