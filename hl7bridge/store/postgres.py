@@ -233,40 +233,10 @@ class PostgresJournal:
         after_id: int | None = None,
         limit: int | None = None,
     ) -> list[JournalEntry]:
-        where: list[str] = []
-        params: list[Any] = []
-        if states is not None:
-            where.append("state = ANY(%s::text[])")
-            params.append(s.check_states(list(states)))
-        if since is not None:
-            where.append("received_at >= %s")
-            params.append(s.aware_utc(since))
-        if until is not None:
-            where.append("received_at < %s")
-            params.append(s.aware_utc(until))
-        if message_type:
-            kind, trigger = s.split_message_type(message_type)
-            where.append("message_type = %s")
-            params.append(kind)
-            if trigger is not None:
-                where.append("trigger = %s")
-                params.append(trigger)
-        if error_kind is not None:
-            where.append("error_kind = %s")
-            params.append(error_kind)
-        if patient_key is not None:
-            where.append("patient_key = %s")
-            params.append(patient_key)
-        if after_id is not None:
-            where.append("id > %s")
-            params.append(after_id)
-        sql = f"SELECT {s.ENTRY_COLUMNS} FROM journal"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY id"
-        if limit is not None:
-            sql += " LIMIT %s"
-            params.append(max(0, limit))
+        sql, params = s.build_query(
+            "%s", s.aware_utc, states=states, since=since, until=until, message_type=message_type,
+            error_kind=error_kind, patient_key=patient_key, after_id=after_id, limit=limit,
+        )
         with self._read() as cur:
             rows = cur.execute(sql, params).fetchall()
         return [s.entry_from_row(r, _utc) for r in rows]

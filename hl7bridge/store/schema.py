@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import getpass
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -323,3 +323,51 @@ def history_rows(
             eid = target.id if isinstance(target, Original) else id_of[target]
             rows.append((eid, "resent", entry.peer))
     return rows
+
+
+def build_query(
+    ph: str,
+    ts: Callable[[datetime], Any],
+    *,
+    states: Collection[str] | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    message_type: str | None = None,
+    error_kind: str | None = None,
+    patient_key: str | None = None,
+    after_id: int | None = None,
+    limit: int | None = None,
+) -> tuple[str, list[Any]]:
+    """The SELECT behind Journal.query for one dialect: `ph` is its placeholder, `ts` its timestamp encoder."""
+    where: list[str] = []
+    params: list[Any] = []
+    if states is not None:
+        wanted = check_states(list(states))
+        where.append(f"state IN ({', '.join([ph] * len(wanted))})" if wanted else "1 = 0")
+        params += wanted
+    for column, op, value in (("received_at", ">=", since), ("received_at", "<", until)):
+        if value is not None:
+            where.append(f"{column} {op} {ph}")
+            params.append(ts(value))
+    if message_type:
+        kind, trigger = split_message_type(message_type)
+        where.append(f"message_type = {ph}")
+        params.append(kind)
+        if trigger is not None:
+            where.append(f"trigger = {ph}")
+            params.append(trigger)
+    for column, value in (("error_kind", error_kind), ("patient_key", patient_key)):
+        if value is not None:
+            where.append(f"{column} = {ph}")
+            params.append(value)
+    if after_id is not None:
+        where.append(f"id > {ph}")
+        params.append(after_id)
+    sql = f"SELECT {ENTRY_COLUMNS} FROM journal"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY id"
+    if limit is not None:
+        sql += f" LIMIT {ph}"
+        params.append(max(0, limit))
+    return sql, params

@@ -236,41 +236,10 @@ class SqliteJournal:
         after_id: int | None = None,
         limit: int | None = None,
     ) -> list[JournalEntry]:
-        where: list[str] = []
-        params: list[Any] = []
-        if states is not None:
-            wanted = s.check_states(list(states))
-            where.append(f"state IN ({', '.join('?' * len(wanted))})" if wanted else "0")
-            params += wanted
-        if since is not None:
-            where.append("received_at >= ?")
-            params.append(_ts(since))
-        if until is not None:
-            where.append("received_at < ?")
-            params.append(_ts(until))
-        if message_type:
-            kind, trigger = s.split_message_type(message_type)
-            where.append("message_type = ?")
-            params.append(kind)
-            if trigger is not None:
-                where.append("trigger = ?")
-                params.append(trigger)
-        if error_kind is not None:
-            where.append("error_kind = ?")
-            params.append(error_kind)
-        if patient_key is not None:
-            where.append("patient_key = ?")
-            params.append(patient_key)
-        if after_id is not None:
-            where.append("id > ?")
-            params.append(after_id)
-        sql = f"SELECT {s.ENTRY_COLUMNS} FROM journal"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY id"
-        if limit is not None:
-            sql += " LIMIT ?"
-            params.append(max(0, limit))
+        sql, params = s.build_query(
+            "?", _ts, states=states, since=since, until=until, message_type=message_type,
+            error_kind=error_kind, patient_key=patient_key, after_id=after_id, limit=limit,
+        )
         with self._read() as conn:
             rows = conn.execute(sql, params).fetchall()
         return [s.entry_from_row(r, _dt) for r in rows]
