@@ -92,8 +92,11 @@ def send(
         for r in results:
             extra = f" {r.err_code} {r.text}" if r.code not in ("AA", "CA") else ""
             typer.echo(f"{r.control_id}\t{r.code}{extra}")
+    unanswered = [r for r in results if r.code == "NO_ACK"]
+    if unanswered:
+        fail(f"{len(unanswered)} message(s) got no acknowledgement from {target}: {unanswered[0].text}")
     if any(r.code not in ("AA", "CA") for r in results):
-        raise typer.Exit(1)
+        fail(f"{sum(r.code not in ('AA', 'CA') for r in results)} message(s) were not accepted (see the ACK codes)")
 
 
 def _host_port(target: str) -> tuple[str, int]:

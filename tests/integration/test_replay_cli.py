@@ -128,6 +128,7 @@ def test_send_prints_control_id_and_ack_and_exit_code(tmp_path: Path, fixtures_d
         assert bridge.terminate() == 0  # SIGTERM drains and exits cleanly
     unreachable = cli("send", f"127.0.0.1:{bridge.port}", str(fixtures_dir / "adt_a04.hl7"), timeout=60)
     assert unreachable.returncode != 0
+    assert unreachable.stderr.startswith("hl7bridge: 1 message(s) got no acknowledgement")
 
 
 def test_dlq_commands_list_show_retry_discard_purge(tmp_path: Path) -> None:
