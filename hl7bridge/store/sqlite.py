@@ -23,6 +23,7 @@ import sqlite3
 import threading
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,16 @@ from hl7bridge.records import AppendResult, HistoryEvent, JournalEntry, JournalS
 from hl7bridge.store import schema as s
 
 __all__ = ["SqliteJournal"]
+
+
+@dataclass(slots=True, eq=False)
+class _MarkRequest:
+    """One worker state update waiting for the next group commit."""
+
+    values: tuple[Any, ...]
+    event: str
+    error: JournalUnavailable | None = None
+    done: bool = False
 
 
 def _ts(dt: datetime) -> str:
@@ -65,6 +76,9 @@ class SqliteJournal:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._rlock = threading.Lock()
+        self._mark_leader = threading.Lock()
+        self._mark_queue_lock = threading.Lock()
+        self._mark_queue: list[_MarkRequest] = []
         self._conn: sqlite3.Connection | None = None  # synchronous=FULL
         self._mconn: sqlite3.Connection | None = None  # synchronous=NORMAL, for mark()
         self._rconn: sqlite3.Connection | None = None
@@ -198,19 +212,42 @@ class SqliteJournal:
         next_attempt_at: datetime | None = None,
     ) -> None:
         s.check_states([state])
-        now = _ts(datetime.now(UTC))
         nxt = None if next_attempt_at is None else _ts(next_attempt_at)
-        with self._write(durable=False) as conn:
-            cur = conn.execute(
-                "UPDATE journal SET state = ?, reason = ?, error_kind = ?, attempts = COALESCE(?, attempts), "
-                "next_attempt_at = ?, updated_at = ? WHERE id = ?",
-                (state, reason, error_kind, attempts, nxt, now, entry_id),
-            )
-            if cur.rowcount:
-                conn.execute(
-                    "INSERT INTO journal_history (entry_id, at, event, detail) VALUES (?, ?, ?, ?)",
-                    (entry_id, now, event, reason),
-                )
+        request = _MarkRequest((state, reason, error_kind, attempts, nxt, entry_id), event)
+        with self._mark_queue_lock:
+            self._mark_queue.append(request)
+        # Group commit for worker updates: whichever marker gets here first writes every queued mark in one
+        # transaction, so the workers take the write lock (which intake's commits need) once per batch.
+        with self._mark_leader:
+            if not request.done:
+                with self._mark_queue_lock:
+                    batch, self._mark_queue = self._mark_queue, []
+                self._write_marks(batch)
+        if request.error is not None:
+            raise request.error
+
+    def _write_marks(self, batch: list[_MarkRequest]) -> None:
+        now = _ts(datetime.now(UTC))
+        try:
+            with self._write(durable=False) as conn:
+                for request in batch:
+                    state, reason, error_kind, attempts, nxt, entry_id = request.values
+                    cur = conn.execute(
+                        "UPDATE journal SET state = ?, reason = ?, error_kind = ?, "
+                        "attempts = COALESCE(?, attempts), next_attempt_at = ?, updated_at = ? WHERE id = ?",
+                        (state, reason, error_kind, attempts, nxt, now, entry_id),
+                    )
+                    if cur.rowcount:
+                        conn.execute(
+                            "INSERT INTO journal_history (entry_id, at, event, detail) VALUES (?, ?, ?, ?)",
+                            (entry_id, now, request.event, reason),
+                        )
+        except JournalUnavailable as exc:
+            for request in batch:
+                request.error = exc
+        finally:
+            for request in batch:
+                request.done = True
 
     def get(self, entry_id: int) -> JournalEntry | None:
         with self._read() as conn:
