@@ -109,7 +109,6 @@ class App:
     delivery: Delivery | None = None
     intake: Intake | None = None
     committer: GroupCommitter | None = None
-    _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _probe: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -204,7 +203,6 @@ class App:
             if closer is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.to_thread(closer.close)
-        self._stopped.set()
         log.info("stopped")
 
     async def serve_forever(self) -> None:

@@ -19,7 +19,6 @@ import asyncio
 import logging
 import random
 from collections import OrderedDict, deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -91,7 +90,7 @@ class Delivery:
         self,
         journal: Journal,
         sink: Sink,
-        mapper: Mapper | Callable[[], Mapper],
+        mapper: Mapper,
         metrics: DeliveryMetrics,
         policy: DeliveryPolicy,
     ) -> None:
@@ -189,10 +188,9 @@ class Delivery:
         self._wake.set()
 
     async def _process(self, entry: JournalEntry) -> None:
-        mapper = self._mapper if hasattr(self._mapper, "map") else self._mapper()  # type: ignore[operator]
         try:
             outcome = await asyncio.to_thread(
-                apply_entry, entry, mapper, self._sink, default_charset=self._policy.default_charset
+                apply_entry, entry, self._mapper, self._sink, default_charset=self._policy.default_charset
             )
         except Hl7BridgeError as exc:
             await self._failed(entry, exc)
@@ -224,7 +222,7 @@ class Delivery:
 
     async def _failed(self, entry: JournalEntry, exc: Hl7BridgeError) -> None:
         attempts = entry.attempts + 1
-        if isinstance(exc, TransientSinkError) or exc.retryable:
+        if exc.retryable:
             self._metrics.sink_error(exc.kind)
         age = datetime.now(UTC) - entry.received_at
         if exc.retryable and attempts < self._policy.max_attempts and age < self._policy.max_age:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -122,7 +122,7 @@ class Intake:
         ack_mode: str = "after_commit",
         after_apply_timeout: float = 30.0,
         waiter: ApplyWaiter | None = None,
-        on_pending: Callable0 | None = None,
+        on_pending: Callable[[], None] | None = None,
     ) -> None:
         self._committer = committer
         self._metrics = metrics
@@ -237,7 +237,3 @@ class Intake:
 def _safe(value: str, limit: int = 40) -> str:
     """Control IDs are not PHI, but they are sender-controlled: bound their length and strip controls."""
     return "".join(c for c in value[:limit] if c.isprintable())
-
-
-class Callable0(Protocol):
-    def __call__(self) -> None: ...

@@ -28,7 +28,7 @@ from hl7bridge.hl7.batch import read_paths
 from hl7bridge.hl7.envelope import DEFAULT_SUPPORTED
 from hl7bridge.hl7.lean import lean_view
 from hl7bridge.pipeline import GroupCommitter, Intake
-from hl7bridge.records import CrmOp, Filtered, JournalEntry
+from hl7bridge.records import CrmOp, Filtered
 from hl7bridge.store.base import Journal
 
 __all__ = ["ReplaySummary", "dry_run", "ops_to_json", "replay_files", "replay_journal"]
@@ -233,7 +233,3 @@ def ops_to_json(ops: Sequence[CrmOp]) -> list[dict[str, Any]]:
             d["only_if_changed"] = list(op.only_if_changed)
         out.append(d)
     return out
-
-
-def entries_by_id(entries: Iterable[JournalEntry]) -> dict[int, JournalEntry]:
-    return {e.id: e for e in entries}

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from hl7bridge.hl7.ack import parse_ack
+from hl7bridge.hl7.ack import parse_ack_with_text
 from hl7bridge.hl7.batch import read_paths
 from hl7bridge.hl7.envelope import best_effort_envelope
 from hl7bridge.mllp.client import MllpClient
@@ -42,8 +42,7 @@ async def send_payloads(host: str, port: int, items: Sequence[tuple[str, int, by
                 if client is None:
                     client = await MllpClient.connect(host, port, timeout=timeout)
                 ack = await client.send(raw, timeout=timeout)
-                code, acked, err = parse_ack(ack.decode("utf-8", "replace"))
-                text = _msa3(ack)
+                code, acked, err, text = parse_ack_with_text(ack.decode("utf-8", "replace"))
             except Exception as exc:
                 if client is not None:
                     await client.close()
@@ -57,14 +56,6 @@ async def send_payloads(host: str, port: int, items: Sequence[tuple[str, int, by
         if client is not None:
             await client.close()
     return results
-
-
-def _msa3(ack: bytes) -> str:
-    for seg in ack.decode("utf-8", "replace").replace("\n", "\r").split("\r"):
-        if seg.startswith("MSA"):
-            fields = seg.split(seg[3] if len(seg) > 3 else "|")
-            return fields[3] if len(fields) > 3 else ""
-    return ""
 
 
 async def send_files(host: str, port: int, files: Sequence[Path], *, timeout: float = 30.0,

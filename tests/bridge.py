@@ -18,6 +18,7 @@ from hl7bridge.app import App
 from hl7bridge.config import load_config
 from hl7bridge.hl7.ack import parse_ack
 from hl7bridge.mllp.client import MllpClient
+from tests.pgserver import free_port
 
 T = TypeVar("T")
 
@@ -75,12 +76,6 @@ def wait_for_sync(predicate: Callable[[], T], timeout: float = 15.0, interval: f
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s (last value: {value!r})")
         time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class BridgeProcess:

@@ -31,6 +31,7 @@ __all__ = [
     "error_location",
     "new_control_id",
     "parse_ack",
+    "parse_ack_with_text",
 ]
 
 #: HL7 table 0357 display texts, for ERR-3.2.
@@ -282,10 +283,16 @@ def _err_segment(error: Hl7BridgeError | None, reason: str, version: str, fs: st
 def parse_ack(text: str) -> tuple[str, str, str]:
     """(MSA-1, MSA-2, ERR code) from an ACK message; the ERR code is ERR-3.1, else ERR-1.4.1 (v2.4 and
     older), else "". Values are raw field text. Raises UnreadableMessage when there is no MSH or MSA."""
+    ack_code, control_id, err_code, _ = parse_ack_with_text(text)
+    return ack_code, control_id, err_code
+
+
+def parse_ack_with_text(text: str) -> tuple[str, str, str, str]:
+    """parse_ack plus MSA-3 (the readable text of a NACK)."""
     text = normalise_segments(text.strip("\x0b\x1c"))
     fs, enc = read_separators(text)
     comp, sub = enc[0], enc[3]
-    ack_code = control_id = err_code = ""
+    ack_code = control_id = err_code = msa_text = ""
     found_msa = False
     for segment in text.split("\r"):
         fields = segment.split(fs)
@@ -293,6 +300,7 @@ def parse_ack(text: str) -> tuple[str, str, str]:
             found_msa = True
             ack_code = fields[1].strip() if len(fields) > 1 else ""
             control_id = fields[2] if len(fields) > 2 else ""
+            msa_text = fields[3] if len(fields) > 3 else ""
         elif fields[0] == "ERR" and not err_code:
             err3 = fields[3].split(comp, 1)[0].strip() if len(fields) > 3 else ""
             if not err3 and len(fields) > 1:
@@ -301,4 +309,4 @@ def parse_ack(text: str) -> tuple[str, str, str]:
             err_code = err3
     if not found_msa:
         raise UnreadableMessage("acknowledgement has no MSA segment", location="MSA")
-    return ack_code, control_id, err_code
+    return ack_code, control_id, err_code, msa_text
