@@ -23,6 +23,7 @@ __all__ = [
     "HistoryEvent",
     "JournalEntry",
     "JournalState",
+    "Mark",
     "NewEntry",
     "OpResult",
 ]
@@ -95,6 +96,19 @@ class AppendResult:
     journal_id: int
     duplicate: bool
     ack_code: str
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """A worker's state change for one journal entry, with the history line that records it."""
+
+    entry_id: int
+    state: JournalState
+    event: str
+    reason: str = ""
+    error_kind: str = ""
+    attempts: int | None = None  # None keeps the stored count
+    next_attempt_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

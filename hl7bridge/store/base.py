@@ -19,7 +19,7 @@ from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Protocol
 
-from hl7bridge.records import AppendResult, HistoryEvent, JournalEntry, JournalState, NewEntry
+from hl7bridge.records import AppendResult, HistoryEvent, JournalEntry, JournalState, Mark, NewEntry
 
 __all__ = ["Journal"]
 
@@ -49,6 +49,9 @@ class Journal(Protocol):
         next_attempt_at: datetime | None = None,
     ) -> None:
         """Set state (and reason/attempts/next_attempt_at) and append a history line `event`."""
+
+    def mark_many(self, marks: Sequence[Mark]) -> None:
+        """Several `mark`s in one transaction (the delivery workers settle a batch at a time)."""
 
     def get(self, entry_id: int) -> JournalEntry | None: ...
 

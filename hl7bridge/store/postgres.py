@@ -22,7 +22,7 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from hl7bridge.errors import JournalUnavailable
-from hl7bridge.records import AppendResult, HistoryEvent, JournalEntry, JournalState, NewEntry
+from hl7bridge.records import AppendResult, HistoryEvent, JournalEntry, JournalState, Mark, NewEntry
 from hl7bridge.store import schema as s
 
 __all__ = ["PostgresJournal"]
@@ -197,17 +197,33 @@ class PostgresJournal:
         attempts: int | None = None,
         next_attempt_at: datetime | None = None,
     ) -> None:
-        s.check_states([state])
-        nxt = None if next_attempt_at is None else s.aware_utc(next_attempt_at)
+        self.mark_many([Mark(entry_id, state, event, reason, error_kind, attempts, next_attempt_at)])
+
+    def mark_many(self, marks: Sequence[Mark]) -> None:
+        if not marks:
+            return
+        s.check_states([m.state for m in marks])
+        now = datetime.now(UTC)
         with self._tx(durable=False) as cur:
-            cur.execute(
+            cur.executemany(
                 "UPDATE journal SET state = %s, reason = %s, error_kind = %s, "
                 "attempts = COALESCE(%s, attempts), next_attempt_at = %s, updated_at = now() "
                 "WHERE id = %s RETURNING id",
-                (state, reason, error_kind, attempts, nxt, entry_id),
+                [(m.state, m.reason, m.error_kind, m.attempts,
+                  None if m.next_attempt_at is None else s.aware_utc(m.next_attempt_at), m.entry_id)
+                 for m in marks],
+                returning=True,
             )
-            if cur.fetchone() is not None:
-                cur.execute(_HISTORY, (entry_id, datetime.now(UTC), event, reason))
+            updated: set[int] = set()
+            while True:
+                row = cur.fetchone()
+                if row is not None:
+                    updated.add(row[0])
+                if not cur.nextset():
+                    break
+            history = [(m.entry_id, now, m.event, m.reason) for m in marks if m.entry_id in updated]
+            if history:
+                cur.executemany(_HISTORY, history)
 
     def get(self, entry_id: int) -> JournalEntry | None:
         with self._read() as cur:

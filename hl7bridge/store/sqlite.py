@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from hl7bridge.errors import JournalUnavailable
-from hl7bridge.records import AppendResult, HistoryEvent, JournalEntry, JournalState, NewEntry
+from hl7bridge.records import AppendResult, HistoryEvent, JournalEntry, JournalState, Mark, NewEntry
 from hl7bridge.store import schema as s
 
 __all__ = ["SqliteJournal"]
@@ -39,8 +39,7 @@ __all__ = ["SqliteJournal"]
 class _MarkRequest:
     """One worker state update waiting for the next group commit."""
 
-    values: tuple[Any, ...]
-    event: str
+    marks: Sequence[Mark]
     error: JournalUnavailable | None = None
     done: bool = False
 
@@ -211,9 +210,13 @@ class SqliteJournal:
         attempts: int | None = None,
         next_attempt_at: datetime | None = None,
     ) -> None:
-        s.check_states([state])
-        nxt = None if next_attempt_at is None else _ts(next_attempt_at)
-        request = _MarkRequest((state, reason, error_kind, attempts, nxt, entry_id), event)
+        self.mark_many([Mark(entry_id, state, event, reason, error_kind, attempts, next_attempt_at)])
+
+    def mark_many(self, marks: Sequence[Mark]) -> None:
+        if not marks:
+            return
+        s.check_states([m.state for m in marks])
+        request = _MarkRequest(marks)
         with self._mark_queue_lock:
             self._mark_queue.append(request)
         # Group commit for worker updates: whichever marker gets here first writes every queued mark in one
@@ -228,20 +231,29 @@ class SqliteJournal:
 
     def _write_marks(self, batch: list[_MarkRequest]) -> None:
         now = _ts(datetime.now(UTC))
+        updates = [
+            (m.state, m.reason, m.error_kind, m.attempts,
+             None if m.next_attempt_at is None else _ts(m.next_attempt_at), now, m.entry_id)
+            for request in batch for m in request.marks
+        ]
         try:
             with self._write(durable=False) as conn:
-                for request in batch:
-                    state, reason, error_kind, attempts, nxt, entry_id = request.values
-                    cur = conn.execute(
-                        "UPDATE journal SET state = ?, reason = ?, error_kind = ?, "
-                        "attempts = COALESCE(?, attempts), next_attempt_at = ?, updated_at = ? WHERE id = ?",
-                        (state, reason, error_kind, attempts, nxt, now, entry_id),
-                    )
-                    if cur.rowcount:
-                        conn.execute(
-                            "INSERT INTO journal_history (entry_id, at, event, detail) VALUES (?, ?, ?, ?)",
-                            (entry_id, now, request.event, reason),
-                        )
+                # An entry deleted meanwhile (journal prune) gets no history line: only ids that still exist.
+                ids = [u[-1] for u in updates]
+                existing: set[int] = set()
+                for chunk in _chunks(ids, 500):
+                    existing.update(r[0] for r in conn.execute(
+                        f"SELECT id FROM journal WHERE id IN ({','.join('?' * len(chunk))})", chunk))
+                conn.executemany(
+                    "UPDATE journal SET state = ?, reason = ?, error_kind = ?, "
+                    "attempts = COALESCE(?, attempts), next_attempt_at = ?, updated_at = ? WHERE id = ?",
+                    updates,
+                )
+                conn.executemany(
+                    "INSERT INTO journal_history (entry_id, at, event, detail) VALUES (?, ?, ?, ?)",
+                    [(m.entry_id, now, m.event, m.reason)
+                     for request in batch for m in request.marks if m.entry_id in existing],
+                )
         except JournalUnavailable as exc:
             for request in batch:
                 request.error = exc

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hl7bridge.errors import JournalUnavailable
-from hl7bridge.records import AppendResult
+from hl7bridge.records import AppendResult, Mark
 from hl7bridge.store.postgres import PostgresJournal
 from hl7bridge.store.sqlite import SqliteJournal
 from tests.integration.test_journal_support import BACKENDS, T0, WINDOW, entry, journal_for
@@ -240,6 +240,29 @@ def test_mark_updates_state_and_appends_history(journal: Journal) -> None:
     assert journal.history(eid + 1000) == []
     with pytest.raises(ValueError):
         journal.mark(eid, "bogus", event="x")  # type: ignore[arg-type]
+
+
+def test_mark_many_settles_a_batch_in_one_call(journal: Journal) -> None:
+    results = journal.append_batch([entry("C1", patient="P1"), entry("C2", patient="P2"),
+                                    entry("C3", patient="P3")], WINDOW)
+    a, b, c = (r.journal_id for r in results)
+    retry_at = T0 + timedelta(seconds=5)
+    journal.mark_many([
+        Mark(a, "done", "applied: contact:created"),
+        Mark(b, "pending", "retry 1 in 5.0s: CRM timeout", reason="CRM timeout",
+             error_kind="transient_sink_error", attempts=1, next_attempt_at=retry_at),
+        Mark(c + 1000, "done", "applied"),  # an id pruned meanwhile: ignored, no orphan history line
+    ])
+    got_a, got_b, got_c = journal.get(a), journal.get(b), journal.get(c)
+    assert got_a is not None and got_b is not None and got_c is not None
+    assert got_a.state == "done" and got_c.state == "pending"
+    assert (got_b.state, got_b.attempts, got_b.next_attempt_at) == ("pending", 1, retry_at)
+    assert [h.event for h in journal.history(a)] == ["received", "applied: contact:created"]
+    assert [h.event for h in journal.history(b)] == ["received", "retry 1 in 5.0s: CRM timeout"]
+    assert journal.history(c + 1000) == []
+    journal.mark_many([])  # nothing to do is not an error
+    with pytest.raises(ValueError):
+        journal.mark_many([Mark(a, "bogus", "x")])  # type: ignore[arg-type]
 
 
 def test_query_filters(journal: Journal) -> None:
