@@ -19,9 +19,10 @@ import asyncio
 import logging
 import random
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Protocol
 
 import hl7
 
@@ -29,10 +30,10 @@ from hl7bridge.crm.base import Sink
 from hl7bridge.errors import Hl7BridgeError, MappingError, TransientSinkError
 from hl7bridge.hl7.access import MessageView
 from hl7bridge.hl7.lean import lean_view
-from hl7bridge.records import CrmOp, Filtered, JournalEntry, OpResult
+from hl7bridge.records import ApplyRequest, CrmOp, Filtered, JournalEntry, Mark, OpResult
 from hl7bridge.store.base import Journal
 
-__all__ = ["Delivery", "DeliveryMetrics", "DeliveryPolicy", "Mapper", "apply_entry"]
+__all__ = ["Delivery", "DeliveryMetrics", "DeliveryPolicy", "Mapper", "apply_entry", "decide", "map_entry"]
 
 log = logging.getLogger("hl7bridge.delivery")
 
@@ -70,22 +71,70 @@ class DeliveryPolicy:
         return max(delay, hint or 0.0)
 
 
-def apply_entry(
-    entry: JournalEntry, mapper: Mapper, sink: Sink, *, default_charset: str = "utf-8", force: bool = False
-) -> list[OpResult] | Filtered:
-    """Parse, map and apply one journal entry (synchronous; runs in a worker thread). Raises Hl7BridgeError."""
+def map_entry(entry: JournalEntry, mapper: Mapper, default_charset: str = "utf-8") -> list[CrmOp] | Filtered:
+    """Read and map one journal entry with the workers' lean reader. Raises Hl7BridgeError."""
     try:
-        result = mapper.map(lean_view(entry.raw, default_charset))
+        return mapper.map(lean_view(entry.raw, default_charset))
     except Hl7BridgeError:
         raise
     except Exception as exc:  # a mapping bug must dead-letter the message, not kill the worker
         raise MappingError(f"mapping failed unexpectedly ({type(exc).__name__})") from exc
+
+
+def apply_entry(
+    entry: JournalEntry, mapper: Mapper, sink: Sink, *, default_charset: str = "utf-8", force: bool = False
+) -> list[OpResult] | Filtered:
+    """Parse, map and apply one journal entry (synchronous; runs in a worker thread). Raises Hl7BridgeError."""
+    result = map_entry(entry, mapper, default_charset)
     if isinstance(result, Filtered):
         return result
     return sink.apply(result, message_key=entry.message_key, force=force)
 
 
+Outcome = list[OpResult] | Filtered | Hl7BridgeError
+
+
+@dataclass(frozen=True, slots=True)
+class _Settled:
+    """What became of one entry of a batch: its journal mark, and a retry delay when one was scheduled."""
+
+    entry: JournalEntry
+    outcome: Outcome
+    mark: Mark
+    retry_in: float | None = None
+
+
+def decide(entry: JournalEntry, outcome: Outcome, policy: DeliveryPolicy, now: datetime) -> _Settled:
+    """The journal state an outcome leads to: done, filtered, a scheduled retry, or a dead letter."""
+    if isinstance(outcome, Filtered):
+        return _Settled(entry, outcome, Mark(entry.id, "filtered", f"filtered: {outcome.reason}",
+                                             reason=outcome.reason))
+    if not isinstance(outcome, Hl7BridgeError):
+        summary = ", ".join(f"{r.entity}:{r.outcome}" for r in outcome) or "no operations"
+        return _Settled(entry, outcome, Mark(entry.id, "done", f"applied: {summary}"))
+    exc = outcome
+    attempts = entry.attempts + 1
+    if exc.retryable and attempts < policy.max_attempts and now - entry.received_at < policy.max_age:
+        hint = exc.retry_after if isinstance(exc, TransientSinkError) else None
+        delay = policy.backoff(attempts, hint)
+        mark = Mark(entry.id, "pending", f"retry {attempts} in {delay:.1f}s: {exc.reason}", reason=exc.reason,
+                    error_kind=exc.kind, attempts=attempts, next_attempt_at=now + timedelta(seconds=delay))
+        return _Settled(entry, outcome, mark, delay)
+    why = "retries exhausted: " if exc.retryable else ""
+    return _Settled(entry, outcome, Mark(entry.id, "dead", f"dead-lettered: {why}{exc.reason}",
+                                         reason=why + exc.reason, error_kind=exc.kind, attempts=attempts))
+
+
 class Delivery:
+    """Drains the journal into the sink, a batch of patients' heads of line at a time.
+
+    Up to `policy.lanes` batches are in flight; a batch holds at most `sink.max_batch` entries, each of a
+    different patient, and no patient is in two batches. A batch is mapped, applied (`Sink.apply_many`: one
+    commit for SQL sinks) and marked (`Journal.mark_many`: one transaction) in one worker-thread call, so a
+    backlog costs one fsync and one journal write per batch rather than per message. Under a light load a
+    batch is whatever is ready when a lane frees up, often one message: nothing waits to fill a batch.
+    """
+
     def __init__(
         self,
         journal: Journal,
@@ -99,7 +148,10 @@ class Delivery:
         self._mapper = mapper
         self._metrics = metrics
         self._policy = policy
+        self._batch_size = max(1, int(getattr(sink, "max_batch", 1)))
+        # Lane key -> the task of the batch that holds that patient's entry.
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._batches: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._stopping = False
         self._waiters: dict[int, list[asyncio.Future[Hl7BridgeError | None]]] = {}
@@ -127,9 +179,9 @@ class Delivery:
         for task in (self._runner, self._gauges):
             if task is not None:
                 task.cancel()
-        if self._inflight:
-            await asyncio.wait(list(self._inflight.values()), timeout=grace)
-        for task in list(self._inflight.values()):
+        if self._batches:
+            await asyncio.wait(list(self._batches), timeout=grace)
+        for task in list(self._batches):
             task.cancel()
 
     def wait_for(self, journal_id: int) -> asyncio.Future[Hl7BridgeError | None]:
@@ -144,7 +196,7 @@ class Delivery:
 
     @property
     def idle(self) -> bool:
-        return not self._inflight
+        return not self._batches
 
     # --- the loop ----------------------------------------------------------------------------------
 
@@ -153,28 +205,30 @@ class Delivery:
         # journal is asked once per many deliveries instead of once per delivery: finding the heads is a
         # grouped query over every pending entry, the costliest read on a large backlog.
         ready: deque[JournalEntry] = deque()
+        lanes = self._policy.lanes
+        fetch = min(_MAX_FETCH, lanes * max(_PREFETCH, self._batch_size))
         while not self._stopping:
             self._wake.clear()
-            free = self._policy.lanes - len(self._inflight)
-            if free > 0 and not ready:
+            if len(self._batches) < lanes and not ready:
                 try:
                     fetched = await asyncio.to_thread(
-                        self._journal.next_ready, self._policy.lanes * _PREFETCH, datetime.now(UTC),
-                        set(self._inflight), self._policy.hold,
+                        self._journal.next_ready, fetch, datetime.now(UTC), set(self._inflight), self._policy.hold,
                     )
                 except Exception as exc:
                     log.error("cannot read the journal (%s); retrying", type(exc).__name__)
                     fetched = []
                 ready.extend(fetched)
-            while ready and len(self._inflight) < self._policy.lanes:
-                entry = ready.popleft()
-                lane = _lane_key(entry)
-                if lane in self._inflight:
-                    continue  # that patient is busy; its entry comes back with the next fetch
-                task = asyncio.create_task(self._process(entry), name=f"deliver-{entry.id}")
-                self._inflight[lane] = task
-                task.add_done_callback(lambda _t, lane=lane: self._done(lane))
-            if ready or len(self._inflight) >= self._policy.lanes:
+            while ready and len(self._batches) < lanes:
+                batch = self._take_batch(ready)
+                if not batch:
+                    break
+                task = asyncio.create_task(self._process(batch), name=f"deliver-{batch[0].id}+{len(batch)}")
+                keys = [_lane_key(e) for e in batch]
+                for key in keys:
+                    self._inflight[key] = task
+                self._batches.add(task)
+                task.add_done_callback(lambda t, keys=keys: self._done(t, keys))
+            if ready or len(self._batches) >= lanes:
                 # Lanes busy (or work in hand): wait for one to finish (the done callback sets the event).
                 await self._wake.wait()
                 continue
@@ -183,32 +237,93 @@ class Delivery:
             except TimeoutError:
                 pass
 
-    def _done(self, lane: str) -> None:
-        self._inflight.pop(lane, None)
+    def _take_batch(self, ready: deque[JournalEntry]) -> list[JournalEntry]:
+        batch: list[JournalEntry] = []
+        keys: set[str] = set()
+        while ready and len(batch) < self._batch_size:
+            entry = ready.popleft()
+            key = _lane_key(entry)
+            if key in self._inflight or key in keys:
+                continue  # that patient is busy; its entry comes back with the next fetch
+            keys.add(key)
+            batch.append(entry)
+        return batch
+
+    def _done(self, task: asyncio.Task[None], keys: list[str]) -> None:
+        self._batches.discard(task)
+        for key in keys:
+            if self._inflight.get(key) is task:
+                del self._inflight[key]
         self._wake.set()
 
-    async def _process(self, entry: JournalEntry) -> None:
+    async def _process(self, batch: list[JournalEntry]) -> None:
         try:
-            outcome = await asyncio.to_thread(
-                apply_entry, entry, self._mapper, self._sink, default_charset=self._policy.default_charset
-            )
-        except Hl7BridgeError as exc:
-            await self._failed(entry, exc)
+            settled, mark_error = await asyncio.to_thread(self._deliver, batch)
+        except Exception as exc:  # never let a bug kill the loop; the entries stay pending and come back
+            log.error("unexpected delivery failure for %d entries (%s)", len(batch), type(exc).__name__)
             return
-        except Exception as exc:  # never let a bug kill the lane; dead-letter with the class name only
-            log.exception("unexpected delivery failure journal_id=%s", entry.id)
-            await self._failed(entry, MappingError(f"internal error ({type(exc).__name__})"))
-            return
-        await self._settled(entry, outcome)
+        if mark_error is not None:
+            await self._mark_again([s.mark for s in settled], mark_error)
+        for s in settled:
+            self._report(s)
 
-    async def _settled(self, entry: JournalEntry, outcome: list[OpResult] | Filtered) -> None:
+    def _deliver(self, batch: list[JournalEntry]) -> tuple[list[_Settled], Exception | None]:
+        """Map, apply and mark a batch (synchronous; in a worker thread). Returns the mark's error, if any."""
+        outcomes: list[Outcome | None] = [None] * len(batch)
+        requests: list[ApplyRequest] = []
+        where: list[int] = []
+        for i, entry in enumerate(batch):
+            try:
+                mapped = map_entry(entry, self._mapper, self._policy.default_charset)
+            except Hl7BridgeError as exc:
+                outcomes[i] = exc
+                continue
+            if isinstance(mapped, Filtered):
+                outcomes[i] = mapped
+            else:
+                requests.append(ApplyRequest(mapped, entry.message_key))
+                where.append(i)
+        if requests:
+            results: Sequence[list[OpResult] | Hl7BridgeError]
+            try:
+                results = self._sink.apply_many(requests)
+            except Hl7BridgeError as exc:
+                results = [exc] * len(requests)
+            except Exception as exc:  # a bug: dead-letter with the class name only, never kill the lane
+                log.exception("unexpected sink failure for %d messages", len(requests))
+                results = [MappingError(f"internal error ({type(exc).__name__})")] * len(requests)
+            for i, result in zip(where, results, strict=True):
+                outcomes[i] = result
+        now = datetime.now(UTC)
+        settled = [decide(entry, outcome, self._policy, now)
+                   for entry, outcome in zip(batch, outcomes, strict=True) if outcome is not None]
+        try:
+            self._journal.mark_many([s.mark for s in settled])
+        except Exception as exc:
+            return settled, exc
+        return settled, None
+
+    async def _mark_again(self, marks: list[Mark], error: Exception) -> None:
+        # The journal update must not be lost to a transient journal hiccup: retry it briefly, then give up
+        # (the entries stay pending and are re-applied later; the sink makes that a no-op).
+        for attempt in range(1, 6):
+            log.error("cannot update %d journal entries (%s), attempt %d", len(marks), type(error).__name__, attempt)
+            await asyncio.sleep(0.2 * attempt)
+            try:
+                await asyncio.to_thread(self._journal.mark_many, marks)
+                return
+            except Exception as exc:
+                error = exc
+
+    def _report(self, s: _Settled) -> None:
+        """Metrics, log lines and after_apply answers for one settled entry (on the event loop)."""
+        entry, outcome = s.entry, s.outcome
         if isinstance(outcome, Filtered):
-            await self._mark(entry.id, "filtered", event=f"filtered: {outcome.reason}", reason=outcome.reason)
             self._metrics.filtered(_bounded_reason(outcome.reason))
             log.debug("message journal_id=%s control_id=%s outcome=filtered", entry.id, entry.control_id[:40])
-        else:
-            summary = ", ".join(f"{r.entity}:{r.outcome}" for r in outcome) or "no operations"
-            await self._mark(entry.id, "done", event=f"applied: {summary}")
+            self._resolve(entry.id, None)
+            return
+        if not isinstance(outcome, Hl7BridgeError):
             age = (datetime.now(UTC) - entry.received_at).total_seconds()
             self._metrics.applied(entry.message_type, entry.trigger, max(age, 0.0))
             for r in outcome:
@@ -217,47 +332,23 @@ class Delivery:
             # DEBUG: intake already logged this message's one INFO line (ACK outcome); a failure to apply is
             # logged at WARNING/ERROR below, so INFO stays one line per message and off the hot path.
             log.debug("message journal_id=%s control_id=%s outcome=applied ops=%s",
-                      entry.id, entry.control_id[:40], summary)
-        self._resolve(entry.id, None)
-
-    async def _failed(self, entry: JournalEntry, exc: Hl7BridgeError) -> None:
-        attempts = entry.attempts + 1
+                      entry.id, entry.control_id[:40], s.mark.event.removeprefix("applied: "))
+            self._resolve(entry.id, None)
+            return
+        exc = outcome
         if exc.retryable:
             self._metrics.sink_error(exc.kind)
-        age = datetime.now(UTC) - entry.received_at
-        if exc.retryable and attempts < self._policy.max_attempts and age < self._policy.max_age:
-            hint = exc.retry_after if isinstance(exc, TransientSinkError) else None
-            delay = self._policy.backoff(attempts, hint)
-            await self._mark(
-                entry.id, "pending", event=f"retry {attempts} in {delay:.1f}s: {exc.reason}",
-                reason=exc.reason, error_kind=exc.kind, attempts=attempts,
-                next_attempt_at=datetime.now(UTC) + timedelta(seconds=delay),
-            )
+        if s.retry_in is not None:
             self._metrics.retry_scheduled(exc.kind)
             log.warning("message journal_id=%s outcome=retry attempt=%d delay=%.1fs error=%s reason=%r",
-                        entry.id, attempts, delay, exc.kind, exc.reason)
+                        entry.id, entry.attempts + 1, s.retry_in, exc.kind, exc.reason)
             # Wake the loop when the retry is due (the poll interval would too, but later).
-            asyncio.get_running_loop().call_later(delay, self._wake.set)
+            asyncio.get_running_loop().call_later(s.retry_in, self._wake.set)
             return
-        why = "retries exhausted: " if exc.retryable else ""
-        await self._mark(entry.id, "dead", event=f"dead-lettered: {why}{exc.reason}", reason=why + exc.reason,
-                         error_kind=exc.kind, attempts=attempts)
         self._metrics.dead_lettered(exc.kind)
         log.error("message journal_id=%s control_id=%s outcome=dead error=%s reason=%r",
                   entry.id, entry.control_id[:40], exc.kind, exc.reason)
         self._resolve(entry.id, exc)
-
-    async def _mark(self, entry_id: int, state: Any, **kw: Any) -> None:
-        # The journal update must not be lost to a transient journal hiccup: retry it briefly, then give up
-        # (the entry stays pending and is re-applied later; the sink makes that a no-op).
-        for attempt in range(5):
-            try:
-                await asyncio.to_thread(self._journal.mark, entry_id, state, **kw)
-                return
-            except Exception as exc:
-                log.error("cannot update journal entry %s (%s), attempt %d", entry_id, type(exc).__name__,
-                          attempt + 1)
-                await asyncio.sleep(0.2 * (attempt + 1))
 
     def _resolve(self, journal_id: int, error: Hl7BridgeError | None) -> None:
         self.settled += 1
@@ -281,8 +372,9 @@ class Delivery:
             await asyncio.sleep(2.0)
 
 
-#: Heads of line fetched per lane and journal read.
+#: Heads of line fetched per lane and journal read, and at most per read.
 _PREFETCH = 16
+_MAX_FETCH = 512
 
 
 def _lane_key(entry: JournalEntry) -> str:

@@ -6,7 +6,7 @@ workers:  JournalEntry --parse+map--> list[CrmOp] | Filtered --sink--> list[OpRe
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
@@ -14,6 +14,7 @@ from typing import Literal
 __all__ = [
     "Action",
     "AppendResult",
+    "ApplyRequest",
     "Conflict",
     "CrmOp",
     "Entity",
@@ -178,6 +179,15 @@ class CrmOp:
     prior_key: str | None = None
     #: Field-change trigger: when non-empty, write only if one of these fields would change.
     only_if_changed: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyRequest:
+    """One message's operations for `Sink.apply_many`, with the key that makes re-applying it a no-op."""
+
+    ops: Sequence[CrmOp]
+    message_key: str | None = None
+    force: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -218,6 +218,8 @@ class SqlSink(ABC):
     steps, its transactions (`_tx`, `_crm_tx`), reads (`_select`), and `apply`, `ping` and `close`."""
 
     dialect: ClassVar[Dialect]
+    #: Messages per `apply_many`: one commit for all of them, each in its own savepoint.
+    max_batch: ClassVar[int] = 64
     #: Schema steps; step i brings the schema to version i + 1.
     migrations: ClassVar[tuple[tuple[str, ...], ...]]
 

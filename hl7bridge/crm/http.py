@@ -46,7 +46,7 @@ from hl7bridge.crm.http_config import (
 from hl7bridge.crm.http_presets import RemoteRecord, SyncState, Write, canon, fingerprint, make_remote
 from hl7bridge.crm.model import Appointment, Contact
 from hl7bridge.errors import ErrCode, PermanentSinkError, SinkError, TransientSinkError
-from hl7bridge.records import CrmOp, Entity, FieldSet, OpResult
+from hl7bridge.records import ApplyRequest, CrmOp, Entity, FieldSet, OpResult
 
 __all__ = [
     "CrmConfigError",
@@ -288,6 +288,8 @@ def _canonical_op(op: CrmOp) -> CrmOp:
 class HttpSink:
     """The `Sink` protocol over a CRM's REST API. Synchronous and thread-safe."""
 
+    max_batch = 1
+
     def __init__(self, cfg: HttpSinkConfig, client: CrmClient) -> None:
         self.cfg = cfg
         self.client = client
@@ -307,6 +309,17 @@ class HttpSink:
         if isinstance(result, BaseException):
             raise result
         return result
+
+    def apply_many(self, requests: Sequence[ApplyRequest]) -> list[list[OpResult] | SinkError]:
+        """One request at a time: delivery gives this sink batches of one (`max_batch`), its lanes run the
+        requests side by side, and batching presets already merge them into batch calls."""
+        out: list[list[OpResult] | SinkError] = []
+        for r in requests:
+            try:
+                out.append(self.apply(r.ops, message_key=r.message_key, force=r.force))
+            except SinkError as exc:
+                out.append(exc)
+        return out
 
     def _run(self, batch: list[list[CrmOp]]) -> list[list[OpResult] | BaseException]:
         """Decide and write a batch of messages. Never raises: each message gets its results or its error."""

@@ -24,7 +24,7 @@ from psycopg_pool import ConnectionPool, PoolClosed
 from hl7bridge.crm._sql import Dialect, SqlSink, SqlTx, as_is, raise_sink_error, schema_v1
 from hl7bridge.crm.conflict import Outcome, apply_op, iso
 from hl7bridge.errors import ErrCode, PermanentSinkError, SinkError, TransientSinkError
-from hl7bridge.records import CrmOp, OpResult
+from hl7bridge.records import ApplyRequest, CrmOp, OpResult
 
 __all__ = ["PostgresSink"]
 
@@ -129,19 +129,45 @@ class PostgresSink(SqlSink):
 
     def apply(self, ops: Sequence[CrmOp], *, message_key: str | None = None,
               force: bool = False) -> list[OpResult]:
+        [result] = self.apply_many([ApplyRequest(ops, message_key, force)])
+        if isinstance(result, SinkError):
+            raise result
+        return result
+
+    def apply_many(self, requests: Sequence[ApplyRequest]) -> list[list[OpResult] | SinkError]:
+        """One transaction (one commit) for the batch, each message in its own savepoint."""
+        if not requests:
+            return []
         now = datetime.now(UTC)
-        with self._tx() as conn:
-            if message_key is not None:
-                # Claim the key first: a concurrent apply of the same message waits here for our commit.
-                cur = conn.execute("INSERT INTO applied (message_key, applied_at) VALUES (%s, %s) "
-                                   "ON CONFLICT (message_key) DO NOTHING", (message_key, now))
-                if cur.rowcount == 0:
-                    if not force:
-                        return [OpResult(op.entity, op.key, Outcome.ALREADY_APPLIED.value) for op in ops]
-                    conn.execute("UPDATE applied SET applied_at = %s WHERE message_key = %s",
-                                 (now, message_key))
-            tx = self._crm_tx(conn)
-            return [apply_op(tx, op, now=now, message_key=message_key) for op in ops]
+        out: list[list[OpResult] | SinkError] = []
+        try:
+            with self._tx() as conn:
+                for request in requests:
+                    try:
+                        with conn.transaction():  # a savepoint: this message alone rolls back on failure
+                            out.append(self._apply_one(conn, request, now))
+                    except psycopg.Error as exc:
+                        if len(requests) == 1:
+                            raise  # the single message's error is the transaction's: one translation
+                        out.append(_translate(exc))
+                    except SinkError as exc:
+                        out.append(exc)
+        except SinkError as exc:  # the transaction itself failed (connection, commit): every message failed
+            return [exc] * len(requests)
+        return out
+
+    def _apply_one(self, conn: psycopg.Connection[Any], request: ApplyRequest, now: datetime) -> list[OpResult]:
+        ops, message_key = request.ops, request.message_key
+        if message_key is not None:
+            # Claim the key first: a concurrent apply of the same message waits here for our commit.
+            cur = conn.execute("INSERT INTO applied (message_key, applied_at) VALUES (%s, %s) "
+                               "ON CONFLICT (message_key) DO NOTHING", (message_key, now))
+            if cur.rowcount == 0:
+                if not request.force:
+                    return [OpResult(op.entity, op.key, Outcome.ALREADY_APPLIED.value) for op in ops]
+                conn.execute("UPDATE applied SET applied_at = %s WHERE message_key = %s", (now, message_key))
+        tx = self._crm_tx(conn)
+        return [apply_op(tx, op, now=now, message_key=message_key) for op in ops]
 
     def ping(self) -> None:
         try:

@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 from hl7bridge.crm._sql import Dialect, SqlSink, SqlTx, as_is, raise_sink_error, schema_v1
 from hl7bridge.crm.conflict import Outcome, apply_op, iso
 from hl7bridge.errors import ErrCode, PermanentSinkError, SinkError, TransientSinkError
-from hl7bridge.records import CrmOp, OpResult
+from hl7bridge.records import ApplyRequest, CrmOp, OpResult
 
 __all__ = ["SqliteSink"]
 
@@ -161,6 +161,20 @@ class SqliteSink(SqlSink):
         if request.error is not None:
             raise request.error
         return request.results
+
+    def apply_many(self, requests: Sequence[ApplyRequest]) -> list[list[OpResult] | SinkError]:
+        """The same group commit as `apply`, with a whole batch of messages queued at once."""
+        pending = [_ApplyRequest(r.ops, r.message_key, r.force) for r in requests]
+        if not pending:
+            return []
+        with self._queue_lock:
+            self._queue.extend(pending)
+        with self._lock:
+            if not pending[-1].done:
+                with self._queue_lock:
+                    batch, self._queue = self._queue, []
+                self._apply_batch(batch)
+        return [p.error if p.error is not None else p.results for p in pending]
 
     def _apply_batch(self, batch: list[_ApplyRequest]) -> None:
         conn = self._conn

@@ -19,7 +19,7 @@ from hl7bridge.crm import Sink, open_sink
 from hl7bridge.crm.postgres import PostgresSink
 from hl7bridge.crm.sqlite import SqliteSink
 from hl7bridge.errors import PermanentSinkError
-from hl7bridge.records import CrmOp, FieldSet, OpResult
+from hl7bridge.records import ApplyRequest, CrmOp, FieldSet, OpResult
 
 T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -159,6 +159,26 @@ def test_all_ops_of_a_message_are_one_transaction(crm: Crm) -> None:
     assert crm.sink.contacts() == []
     # The key was not recorded either: the fixed message applies.
     assert outcomes(crm.sink.apply([contact("M1", at(0), first_name="Ann")], message_key="k")) == ["created"]
+
+
+def test_apply_many_commits_each_message_on_its_own(crm: Crm) -> None:
+    """A batch (what the delivery workers send): the bad message fails alone, the others are committed,
+    a resend inside the same batch is a no-op, and the results come back in order."""
+    results = crm.sink.apply_many([
+        ApplyRequest([contact("B1", at(0), first_name="Ann")], "k1"),
+        ApplyRequest([contact("B2", at(0), first_name="Bob"),
+                      contact("B2", at(0), birth_date="1980-13-45")], "k2"),  # half valid: all of it undone
+        ApplyRequest([appt("BA1", at(0), mrn="B3", status="scheduled")], "k3"),
+        ApplyRequest([contact("B1", at(0), first_name="Ann")], "k1"),  # the same message again
+    ])
+    assert isinstance(results[0], list) and outcomes(results[0]) == ["created"]
+    assert isinstance(results[1], PermanentSinkError) and "1980" not in str(results[1])
+    assert isinstance(results[2], list) and outcomes(results[2]) == ["created"]
+    assert isinstance(results[3], list) and outcomes(results[3]) == ["already_applied"]
+    assert sorted(c.mrn for c in crm.sink.contacts()) == ["B1", "B3"]
+    assert [a.appointment_id for a in crm.sink.appointments()] == ["BA1"]
+    assert crm.sink.apply_many([]) == []
+    assert crm.sink.max_batch > 1
 
 
 @pytest.mark.parametrize("op", [

@@ -15,10 +15,11 @@ import pytest
 from hl7bridge import dlq
 from hl7bridge.crm import open_sink
 from hl7bridge.delivery import Delivery, DeliveryPolicy
+from hl7bridge.errors import SinkError
 from hl7bridge.hl7.envelope import DEFAULT_SUPPORTED
 from hl7bridge.mapping import compile_rules, load_rules
 from hl7bridge.pipeline import GroupCommitter, Intake
-from hl7bridge.records import CrmOp, OpResult
+from hl7bridge.records import ApplyRequest, OpResult
 from hl7bridge.replay import _NullMetrics
 from hl7bridge.store import open_journal
 from tests.bridge import BridgeProcess, running_bridge, send_all, wait_for, wait_for_sync
@@ -33,24 +34,26 @@ def phone(n: int) -> str:
 
 
 class ConcurrencyRecordingSink:
-    """A real SQLite sink that records how many applies overlap (to prove several lanes were active)."""
+    """A real SQLite sink that records how many patients' messages are applied at once (in one batch or in
+    overlapping ones), to prove delivery does not serialise patients."""
 
     def __init__(self, inner: Any) -> None:
         self._inner = inner
         self._lock = threading.Lock()
+        self.max_batch = 3  # small batches, so that 20 patients need several batches side by side
         self.active = 0
         self.max_active = 0
 
-    def apply(self, ops: Sequence[CrmOp], *, message_key: str | None = None, force: bool = False) -> list[OpResult]:
+    def apply_many(self, requests: Sequence[ApplyRequest]) -> list[list[OpResult] | SinkError]:
         with self._lock:
-            self.active += 1
+            self.active += len(requests)
             self.max_active = max(self.max_active, self.active)
         try:
-            threading.Event().wait(0.002)  # CRM round-trip latency, so lanes overlap as they do in production
-            return self._inner.apply(ops, message_key=message_key, force=force)
+            threading.Event().wait(0.002)  # CRM round-trip latency, so batches overlap as they do in production
+            return self._inner.apply_many(requests)
         finally:
             with self._lock:
-                self.active -= 1
+                self.active -= len(requests)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -84,7 +87,36 @@ async def test_interleaved_updates_for_20_patients_last_update_wins_with_several
         for p in range(20):
             assert contacts[f"ORD{p:03d}"].phone == f"+1217555{p * 10 + 5:04d}"
         assert journal.counts().get("done", 0) == 120
-        assert sink.max_active > 1, "only one lane was ever active"
+        assert sink.max_active > 3, "patients were never applied in more than one batch at once"
+    finally:
+        await delivery.stop()
+        journal.close()
+        sink.close()
+
+
+async def test_a_bad_message_in_a_batch_dead_letters_alone(tmp_path: Path) -> None:
+    """30 patients journaled before delivery starts, so they go out in batches: the one message with a bad
+    birth date is dead-lettered, every other is applied, and each entry's history has exactly one outcome."""
+    journal = open_journal(tmp_path / "journal.sqlite3")
+    sink = open_sink(tmp_path / "crm.sqlite3")
+    mapper = compile_rules(load_rules(None), default_timezone="America/Chicago")
+    metrics = _NullMetrics()
+    delivery = Delivery(journal, sink, mapper, metrics, DeliveryPolicy(lanes=2, poll_interval=0.1))
+    intake = Intake(GroupCommitter(journal, timedelta(hours=1)), metrics, policy=mapper.patient_policy,
+                    supported=DEFAULT_SUPPORTED)
+    try:
+        for p in range(30):
+            msg = adt("A04", mrn=f"BAT{p:03d}", cid=f"BAT-{p}", dob="19801345" if p == 7 else "19800214")
+            assert (await intake.handle(msg, "test")).code == "AA"
+        delivery.start()
+        await wait_for(lambda: journal.counts().get("pending", 0) == 0 and delivery.idle, timeout=60)
+        assert {k: v for k, v in journal.counts().items() if v} == {"done": 29, "dead": 1}
+        [dead] = journal.query(states=["dead"])
+        assert dead.control_id == "BAT-7" and dead.error_kind == "bad_field_value"
+        assert sorted(c.mrn for c in sink.contacts()) == [f"BAT{p:03d}" for p in range(30) if p != 7]
+        for entry in journal.query():
+            events = [h.event for h in journal.history(entry.id)]
+            assert events[0] == "received" and len(events) == 2, events
     finally:
         await delivery.stop()
         journal.close()
