@@ -11,6 +11,7 @@ Which fields exist and how a value is validated live in `values.py`.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -73,6 +74,8 @@ class Outcome(StrEnum):
 
 def utc(dt: datetime, what: str = "time") -> datetime:
     """An aware datetime in UTC; a naive one is a mapping bug, not something to guess about."""
+    if dt.tzinfo is UTC:
+        return dt
     if dt.tzinfo is None or dt.utcoffset() is None:
         raise PermanentSinkError(f"crm: {what} must be timezone-aware")
     return dt.astimezone(UTC)
@@ -80,7 +83,22 @@ def utc(dt: datetime, what: str = "time") -> datetime:
 
 def iso(dt: datetime) -> str:
     """Fixed-width ISO 8601 in UTC with offset, so stored strings also sort as instants."""
-    return utc(dt).isoformat(timespec="microseconds")
+    if dt.tzinfo is None or dt.utcoffset() is None:
+        raise PermanentSinkError("crm: time must be timezone-aware")
+    return _iso(dt)
+
+
+@functools.lru_cache(maxsize=4096)
+def _iso(dt: datetime) -> str:
+    # Cached: every field of a row carries the time of its last change, mostly one message's event time,
+    # and each apply re-serialises them all. Aware datetimes hash and compare as instants, so two zones'
+    # spellings of one instant share the (UTC) entry correctly.
+    return dt.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_utc(text: str) -> datetime:
+    return utc(datetime.fromisoformat(text))
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +114,7 @@ def meta_to_json(meta: Mapping[str, FieldMeta]) -> dict[str, dict[str, str]]:
 
 
 def meta_from_json(obj: Mapping[str, Any] | None) -> dict[str, FieldMeta]:
-    return {f: FieldMeta(utc(datetime.fromisoformat(m["at"])), Origin(m["by"]))
-            for f, m in (obj or {}).items()}
+    return {f: FieldMeta(_parse_utc(m["at"]), Origin(m["by"])) for f, m in (obj or {}).items()}
 
 
 def new_contact_id() -> str:

@@ -98,7 +98,7 @@ def _leaf(rep: Rep, comp: int, sub: int = 1) -> str:
 class MessageView:
     """The segments of one message (or one segment group), normalised lazily, plus its separators."""
 
-    __slots__ = ("_cache", "_lean", "_names", "_segments", "seps")
+    __slots__ = ("_cache", "_esc", "_lean", "_names", "_segments", "seps")
 
     def __init__(self, segments: Sequence[Any], seps: Separators) -> None:
         # Segments are python-hl7 Segments, or lean.LeanSegments (raw field strings, split on demand):
@@ -107,6 +107,7 @@ class MessageView:
         self._lean = bool(self._segments) and hasattr(self._segments[0], "normalised")
         self._names = [seg.name() if self._lean else str(seg[0]).strip() for seg in self._segments]
         self.seps = seps
+        self._esc = seps.encoding_chars[2] if len(seps.encoding_chars) > 2 else "\\"
         self._cache: dict[tuple[int, int], tuple[Rep, ...]] = {}
 
     @classmethod
@@ -152,6 +153,9 @@ class MessageView:
         return unescape(text, self.seps.encoding_chars, self.seps.field, self.seps.codec)
 
     def decode_reps(self, reps: Sequence[Rep]) -> tuple[Rep, ...]:
+        esc = self._esc
+        if isinstance(reps, tuple) and not any(esc in s or s == _NULL for rep in reps for comp in rep for s in comp):
+            return reps  # nothing to decode (the common case): no per-leaf calls
         return tuple(tuple(tuple(self.decode(s) for s in comp) for comp in rep) for rep in reps)
 
     def groups(self, start: str) -> list[MessageView]:
