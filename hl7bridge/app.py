@@ -85,11 +85,12 @@ def check_rules_fit_sink(config: Config, rules: Any) -> list[str]:
     return rules_problems(config.http, rules)
 
 
-def open_stores(config: Config) -> tuple[Journal, Sink]:
-    """Open (and migrate) the journal and the CRM sink the config names."""
+def open_stores(config: Config, *, intake: bool = False) -> tuple[Journal, Sink]:
+    """Open (and migrate) the journal and the CRM sink the config names. `intake`: for a process that
+    appends (serve, replay); see `open_journal`."""
     if "://" not in config.store.journal_location():
         config.store.data_dir.mkdir(parents=True, exist_ok=True)
-    journal = open_journal(config.store.journal_location())
+    journal = open_journal(config.store.journal_location(), intake=intake)
     try:
         sink = open_crm(config)
     except Exception:
@@ -120,7 +121,7 @@ class App:
         # Each lane applies through a worker thread: size the pool so lanes never queue for a thread.
         asyncio.get_running_loop().set_default_executor(
             ThreadPoolExecutor(max_workers=cfg.delivery.lanes + 8, thread_name_prefix="hl7bridge"))
-        self.journal, self.sink = await asyncio.to_thread(open_stores, cfg)
+        self.journal, self.sink = await asyncio.to_thread(open_stores, cfg, intake=True)
         self.committer = GroupCommitter(self.journal, timedelta(hours=cfg.intake.dedup_window_hours))
         self.delivery = Delivery(self.journal, self.sink, mapper, self.metrics, delivery_policy(cfg))
         self.intake = Intake(

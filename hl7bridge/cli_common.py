@@ -48,12 +48,13 @@ def make_config(config: Path | None = None, *, data_dir: Path | None = None, sto
 
 
 @contextmanager
-def stores(cfg: Config) -> Iterator[tuple[Any, Any]]:
-    """Open the journal and CRM the config names; close them afterwards. Fails with one line if unreachable."""
+def stores(cfg: Config, *, intake: bool = False) -> Iterator[tuple[Any, Any]]:
+    """Open the journal and CRM the config names; close them afterwards. Fails with one line if unreachable.
+    `intake`: the command appends to the journal (see `open_journal`)."""
     from hl7bridge.app import open_stores
 
     try:
-        journal, sink = open_stores(cfg)
+        journal, sink = open_stores(cfg, intake=intake)
     except Exception as exc:
         fail(f"cannot open the store: {getattr(exc, 'reason', None) or type(exc).__name__}: {exc}")
     try:

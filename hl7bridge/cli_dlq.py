@@ -190,7 +190,7 @@ def replay(
         for item in rp.dry_run(items, mapper, cfg.intake.default_charset):
             sys.stdout.write(json.dumps(item, ensure_ascii=False) + "\n")
         return
-    with stores(cfg) as (journal, sink), _Progress(json_out) as advance:
+    with stores(cfg, intake=not from_journal) as (journal, sink), _Progress(json_out) as advance:
         if from_journal:
             filters: dict[str, Any] = {"since": _when(since), "until": _when(until), "message_type": message_type,
                                        "patient_key": mrn}

@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 #: Bump when a migration is added; each backend keeps its own list of steps up to this number.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 STATES: tuple[JournalState, ...] = ("pending", "done", "filtered", "rejected", "dead", "discarded")
 #: States an entry can be a dedup target in: everything the sender was told we took.
@@ -126,13 +126,21 @@ def _schema_v1(serial: str, ts: str, blob: str, ref: str, *, rowid: bool) -> tup
     )
 
 
+#: Version 2 (SQLite only): a name -> integer table where the log-backed journal (store/logged.py) keeps
+#: its highest indexed intake-log position, updated in the indexing transaction. PostgreSQL has no intake
+#: log, so its step 2 is empty (the version number is shared, the schema need not be).
+_SQLITE_V2 = ("CREATE TABLE journal_meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",)
+
+
 #: Schema steps per version, per dialect. Never edit a released step: add one and bump SCHEMA_VERSION.
 #: SQLite uses AUTOINCREMENT so that ids are never reused after a purge (audit trails quote ids).
 SQLITE_MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: _schema_v1("INTEGER PRIMARY KEY AUTOINCREMENT", "TEXT", "BLOB", "INTEGER", rowid=True),
+    2: _SQLITE_V2,
 }
 POSTGRES_MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: _schema_v1("BIGSERIAL PRIMARY KEY", "TIMESTAMPTZ", "BYTEA", "BIGINT", rowid=False),
+    2: (),
 }
 
 

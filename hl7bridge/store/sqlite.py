@@ -374,6 +374,50 @@ class SqliteJournal:
         with self._write() as conn:
             conn.execute("SELECT 1 FROM journal_schema_version LIMIT 1").fetchall()
 
+    # --- for LoggedJournal (store/logged.py): the index behind the intake log -----------------------
+
+    def log_position(self) -> int:
+        """The highest intake-log position indexed into this file (0 when none)."""
+        with self._read() as conn:
+            row = conn.execute("SELECT value FROM journal_meta WHERE name = ?", (_LOG_POSITION,)).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def next_entry_id(self) -> int:
+        """The id AUTOINCREMENT would give next: above the highest id and every purged one."""
+        with self._read() as conn:
+            return int(conn.execute(_MAX_ID).fetchone()[0]) + 1
+
+    def index_logged(
+        self, rows: Sequence[tuple[Any, ...]], history: Sequence[tuple[Any, ...]],
+        resends: Sequence[tuple[int, str, str]], position: int, *, durable: bool = False,
+    ) -> int:
+        """In one transaction: insert journal rows with explicit ids, ascending (`id` then INSERT_COLUMNS),
+        their history lines (entry_id, at, event, detail), the resends (original's id, at, peer: +1
+        resend_count and a "resent" line, if the original still exists), and record `position`. Rows whose
+        id exists already are skipped with their lines (a record indexed twice); returns how many were
+        skipped. synchronous=NORMAL unless `durable` (FULL also makes every earlier commit durable): the
+        caller's log still holds the records, and a lost commit loses the position with them."""
+        with self._write(durable=durable) as conn:
+            skip: set[int] = set()
+            if rows:
+                skip = {r[0] for r in conn.execute("SELECT id FROM journal WHERE id BETWEEN ? AND ?",
+                                                   (rows[0][0], rows[-1][0]))}
+            if skip:
+                rows = [r for r in rows if r[0] not in skip]
+                history = [h for h in history if h[0] not in skip]
+            _insert_rows(conn, f"journal ({', '.join(_INSERT_ENTRY_COLUMNS)})", list(rows))
+            _insert_rows(conn, "journal_history (entry_id, at, event, detail)", list(history))
+            if resends:
+                conn.executemany("UPDATE journal SET resend_count = resend_count + 1, updated_at = ? WHERE id = ?",
+                                 [(at, eid) for eid, at, _peer in resends])
+                conn.executemany(
+                    "INSERT INTO journal_history (entry_id, at, event, detail) SELECT ?, ?, 'resent', ? "
+                    "WHERE EXISTS (SELECT 1 FROM journal WHERE id = ?)",
+                    [(eid, at, peer, eid) for eid, at, peer in resends])
+            conn.execute("INSERT INTO journal_meta (name, value) VALUES (?, ?) ON CONFLICT (name) "
+                         "DO UPDATE SET value = MAX(value, excluded.value)", (_LOG_POSITION, position))
+        return len(skip)
+
     def close(self) -> None:
         with self._rlock:
             if self._rconn is not None:
@@ -392,6 +436,10 @@ def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
+
+_LOG_POSITION = "intake_log_position"
+_MAX_ID = ("SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'journal'), 0), "
+           "COALESCE((SELECT MAX(id) FROM journal), 0))")
 
 #: Rows per multi-row statement: well under SQLite's bound-parameter limit (32766) with 19 columns.
 _ROWS_PER_STATEMENT = 256
@@ -422,10 +470,7 @@ def _insert_entries(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> li
     never reused); the caller holds the write transaction, so nobody else can take them."""
     if not rows:
         return []
-    base = conn.execute(
-        "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'journal'), 0), "
-        "COALESCE((SELECT MAX(id) FROM journal), 0))"
-    ).fetchone()[0]
+    base = conn.execute(_MAX_ID).fetchone()[0]
     ids = list(range(base + 1, base + 1 + len(rows)))
     _insert_rows(conn, f"journal ({', '.join(_INSERT_ENTRY_COLUMNS)})",
                  [(eid, *row) for eid, row in zip(ids, rows, strict=True)])

@@ -10,6 +10,7 @@ import pytest
 
 from hl7bridge.records import Envelope, JournalState, NewEntry
 from hl7bridge.store import open_journal
+from hl7bridge.store.logged import LoggedJournal
 from hl7bridge.store.postgres import PostgresJournal
 from hl7bridge.store.sqlite import SqliteJournal
 
@@ -19,7 +20,11 @@ __all__ = ["BACKENDS", "T0", "WINDOW", "entry", "envelope", "journal_for"]
 T0 = datetime(2024, 3, 1, 12, 0, 0, tzinfo=UTC)
 WINDOW = timedelta(hours=24)
 
-BACKENDS = [pytest.param("sqlite", id="sqlite"), pytest.param("postgres", id="postgres", marks=pytest.mark.postgres)]
+BACKENDS = [
+    pytest.param("sqlite", id="sqlite"),
+    pytest.param("logged", id="logged"),  # SQLite behind the intake log (store/logged.py)
+    pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
+]
 
 
 def envelope(
@@ -80,11 +85,15 @@ def entry(
 
 def journal_for(
     backend: str, request: pytest.FixtureRequest, tmp_path: Path
-) -> Iterator[SqliteJournal | PostgresJournal]:
+) -> Iterator[SqliteJournal | PostgresJournal | LoggedJournal]:
     """Open a migrated journal of the given backend; closes it afterwards."""
-    target = tmp_path if backend == "sqlite" else request.getfixturevalue("pg_url")
-    journal = open_journal(target)
-    assert isinstance(journal, SqliteJournal | PostgresJournal)
+    journal: SqliteJournal | PostgresJournal | LoggedJournal
+    if backend == "logged":
+        journal = LoggedJournal(tmp_path / "journal.sqlite3")
+        journal.migrate()
+    else:
+        journal = open_journal(tmp_path if backend == "sqlite" else request.getfixturevalue("pg_url"))
+    assert isinstance(journal, SqliteJournal | PostgresJournal | LoggedJournal)
     try:
         yield journal
     finally:
