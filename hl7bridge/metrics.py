@@ -65,6 +65,8 @@ _KNOWN_DEAD_LETTER_ERRORS = (
     "permanent_sink_error",
     "transient_sink_error",
 )
+#: Raw label values whose labelled children are cached per metric (see `Metrics.message_received`).
+_CHILD_CACHE_MAX = 256
 
 
 class _Bounded:
@@ -123,6 +125,12 @@ class Metrics:
         self._reconcile_kind = _Bounded(_SLUG, 32)
         self._reconcile_kinds_set: set[str] = set()
         self._reconcile_file_stamp: int | None = None
+        # The labelled children of the per-message series, by the *raw* values the caller passed. Once a
+        # raw value has been normalised its label never changes (a `_Bounded` never forgets a value, and a
+        # value refused once is refused for ever), so the cache returns exactly what `labels()` would.
+        # Raw values are sender-controlled, so the caches stop growing at `_CHILD_CACHE_MAX` entries.
+        self._received_children: dict[tuple[str, str], tuple[Counter, Gauge]] = {}
+        self._ack_children: dict[str, Counter] = {}
 
         # --- intake -------------------------------------------------------------------------------
         self.messages_received = Counter(
@@ -234,12 +242,26 @@ class Metrics:
     # --- intake ---------------------------------------------------------------------------------------
 
     def message_received(self, message_type: str, trigger: str) -> None:
-        kind = self._msg_type(message_type)
-        self.messages_received.labels(type=kind, trigger=self._trigger(trigger)).inc()
-        self.last_message_received.labels(type=kind).set(self._clock())
+        # Once per message, on the event loop: `labels()` (validation, a lock, a tuple) only on a miss.
+        children = self._received_children.get((message_type, trigger))
+        if children is None:
+            kind = self._msg_type(message_type)
+            children = (
+                self.messages_received.labels(type=kind, trigger=self._trigger(trigger)),
+                self.last_message_received.labels(type=kind),
+            )
+            if len(self._received_children) < _CHILD_CACHE_MAX:
+                self._received_children[(message_type, trigger)] = children
+        children[0].inc()
+        children[1].set(self._clock())
 
     def ack_sent(self, code: str, seconds: float) -> None:
-        self.acks_sent.labels(code=self._ack_code(code)).inc()
+        child = self._ack_children.get(code)
+        if child is None:
+            child = self.acks_sent.labels(code=self._ack_code(code))
+            if len(self._ack_children) < _CHILD_CACHE_MAX:
+                self._ack_children[code] = child
+        child.inc()
         self.ack_latency.observe(max(0.0, seconds))
 
     def rejected(self, reason: str) -> None:

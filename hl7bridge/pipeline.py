@@ -30,12 +30,17 @@ from hl7bridge.hl7.envelope import (
     validate,
 )
 from hl7bridge.hl7.parse import encode
+from hl7bridge.logs import RecordEmitter
 from hl7bridge.records import AppendResult, Envelope, NewEntry
 from hl7bridge.store.base import Journal
 
 __all__ = ["AckOutcome", "ApplyWaiter", "GroupCommitter", "Intake", "IntakeMetrics"]
 
 log = logging.getLogger("hl7bridge.intake")
+#: The one INFO line per message (see `_answer`), through the cheap record path of `logs.RecordEmitter`.
+_message_line = RecordEmitter(log, logging.INFO)
+_MESSAGE_LINE = "message journal_id=%s control_id=%s type=%s outcome=%s ack=%s%s"
+_FILTERED_REASON = "unsupported event accepted and ignored"
 
 
 class IntakeMetrics(Protocol):
@@ -146,13 +151,15 @@ class Intake:
         else:
             self._metrics.message_received("", "")
 
-        code = error.ack_code if error is not None else AckCode.AA
-        entry = NewEntry(
-            received_at=received_at, peer=peer, raw=raw, envelope=envelope, patient_key=patient_key,
-            state=state, ack_code=code.value,
-            reason=error.reason if error else ("unsupported event accepted and ignored" if state == "filtered" else ""),
-            error_kind=error.kind if error else "", err_code=error.err_code.value if error else "",
-        )
+        # Positional arguments: this runs once per message, and keywords cost ~0.5 µs more here.
+        if error is None:
+            code = AckCode.AA
+            entry = NewEntry(received_at, peer, raw, envelope, patient_key, state,
+                             "AA", _FILTERED_REASON if state == "filtered" else "", "", "")
+        else:
+            code = error.ack_code
+            entry = NewEntry(received_at, peer, raw, envelope, patient_key, state,
+                             code.value, error.reason, error.kind, error.err_code.value)
         try:
             result = await self._committer.submit(entry)
         except JournalUnavailable as exc:
@@ -222,18 +229,19 @@ class Intake:
         ack_text = build_ack(envelope, code, error=error, text=text)
         sent_code = (enhanced(code) if envelope is not None and envelope.enhanced_mode else code).value
         self._metrics.ack_sent(sent_code, time.perf_counter() - started)
-        log.info(
-            "message journal_id=%s control_id=%s type=%s outcome=%s ack=%s%s",
-            journal_id if journal_id is not None else "-",
-            _safe(envelope.control_id) if envelope else "-",
-            f"{envelope.message_type}^{envelope.trigger}" if envelope else "-",
-            outcome, sent_code, f" err={error.err_code.value} reason={error.reason!r}" if error else "",
-            extra={"journal_id": journal_id, "outcome": outcome, "ack": sent_code},
-        )
+        if _message_line.enabled():
+            _message_line(_MESSAGE_LINE, (
+                journal_id if journal_id is not None else "-",
+                _safe(envelope.control_id) if envelope else "-",
+                f"{envelope.message_type}^{envelope.trigger}" if envelope else "-",
+                outcome, sent_code, f" err={error.err_code.value} reason={error.reason!r}" if error else "",
+            ), {"journal_id": journal_id, "outcome": outcome, "ack": sent_code})
         payload = encode(ack_text, envelope.charset if envelope else "", self._charset)
         return AckOutcome(payload, sent_code, journal_id, outcome)
 
 
 def _safe(value: str, limit: int = 40) -> str:
     """Control IDs are not PHI, but they are sender-controlled: bound their length and strip controls."""
+    if len(value) <= limit and value.isprintable():
+        return value  # the usual case, with nothing to cut or strip
     return "".join(c for c in value[:limit] if c.isprintable())

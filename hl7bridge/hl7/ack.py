@@ -11,7 +11,7 @@ import os
 import re
 import secrets
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from hl7bridge.errors import AckCode, ErrCode, Hl7BridgeError, UnreadableMessage, enhanced
 from hl7bridge.hl7.parse import (
@@ -81,12 +81,13 @@ class _ControlIds:
     other in the same millisecond.
     """
 
-    __slots__ = ("_ms", "_next", "_prefix")
+    __slots__ = ("_high", "_ms", "_next", "_prefix")
 
     def __init__(self) -> None:
         self._ms = -1
         self._prefix = ""
         self._next = 0
+        self._high: tuple[int, str] = (-1, "")  # (value // 36**2, its 9 digits), replaced as a whole
         self.reseed()
 
     def reseed(self) -> None:
@@ -98,7 +99,13 @@ class _ControlIds:
             self._ms, self._prefix = ms, _base36(ms, 9)
         value = self._next
         self._next = (value + 1) % _RANDOM_SPACE
-        return self._prefix + _base36(value, 11)
+        # _base36(value, 11) is the top 9 digits (value // 36**2) and the last two: the top part only
+        # changes every 1,296 ids, so it is converted once per change, not per id.
+        high, low = divmod(value, 1296)
+        cached = self._high
+        if cached[0] != high:
+            cached = self._high = (high, _base36(high, 9))
+        return self._prefix + cached[1] + _B36_PAIRS[low]
 
 
 _RANDOM_SPACE = 36**11
@@ -142,6 +149,19 @@ def _timestamp(now: datetime) -> str:
         head, zone = now.strftime("%Y%m%d%H%M%S|%z").split("|")
         cache.second, cache.offset, cache.head, cache.zone = second, offset, head, zone[:5]  # DTM: ±HHMM only
     return f"{cache.head}.{now.microsecond // 100:04d}{cache.zone}"
+
+
+_utc_second: tuple[int, str] = (-1, "")  # (Unix second, its "%Y%m%d%H%M%S" in UTC), swapped whole
+
+
+def _utc_now_stamp() -> str:
+    """`_timestamp(datetime.now(UTC))`, read from the clock directly: no datetime per ACK."""
+    global _utc_second
+    second, ns = divmod(time.time_ns(), 1_000_000_000)
+    cache = _utc_second
+    if cache[0] != second:
+        cache = _utc_second = (second, time.strftime("%Y%m%d%H%M%S", time.gmtime(second)))
+    return f"{cache[1]}.{ns // 100_000:04d}+0000"
 
 
 def error_location(location: str | None, component_sep: str = "^") -> str:
@@ -224,7 +244,7 @@ def build_ack(
     comp = enc[0]
     if original is not None and original.enhanced_mode:
         code = enhanced(code)
-    stamp = _timestamp(now if now is not None else datetime.now(UTC))
+    stamp = _timestamp(now) if now is not None else _utc_now_stamp()
     version = (original.version if original is not None else "") or "2.5.1"
     msh = [
         "MSH",

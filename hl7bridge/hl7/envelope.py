@@ -157,7 +157,7 @@ def scan(text: str, policy: PatientIdPolicy = DEFAULT_POLICY) -> Scanned:
     if len(fields) < 12:
         raise UnreadableMessage("MSH has fewer than 12 fields", location="MSH-12")
     envelope = _envelope(fields, field_sep, enc)
-    segment_ids = tuple(seg[:3] for seg in segments if seg)
+    segment_ids = tuple([seg[:3] for seg in segments if seg])  # a list first: faster than a generator
     key: str | None = None
     evn_trigger = ""
     pid_prefix = "PID" + field_sep

@@ -1,10 +1,15 @@
 """The asyncio MLLP listener: drives `MllpFramer` over TCP (or TLS) connections.
 
-One task per connection, no threads, so thousands of idle connections cost a task, a stream pair and a
-timer each. Per connection exactly one message is in flight: the read loop does not read or handle the
-next frame until the previous ACK has been written, which keeps each sender's order (MLLP is strict
-request/reply; Mirth's "max processing threads = 1"). While a handler runs, the stream's buffer fills and
-asyncio pauses the socket, so a fast sender is held back by TCP rather than by our memory.
+Built on `asyncio.Protocol` callbacks, not streams: a connection is a protocol object, a framer and at
+most one timer, and it has a task only while a message is being handled. So thousands of idle connections
+cost little, and a message costs no stream-buffer copy, read future or task wake-up of its own.
+
+Per connection exactly one message is in flight: the next frame is not handled until the previous ACK
+has been written, which keeps each sender's order (MLLP is strict request/reply; Mirth's "max processing
+threads = 1"). Frames that arrived in the same chunk are answered in order, one after the other. If more
+data arrives while a handler runs, it is held and reading is paused at once, so a fast sender is held
+back by TCP rather than by our memory (a well-behaved sender waits for its ACK and never triggers this,
+so the common path costs no pause/resume system calls).
 
 Timeouts (after Camel's MLLP component): `idle_timeout` closes a connection that sends no frame for that
 long (re-armed after each frame is answered); `frame_timeout` closes one that starts a frame (``<VT>``) and
@@ -19,12 +24,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl as _ssl
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 from hl7bridge.mllp.framer import (
     DEFAULT_MAX_FRAME_BYTES,
+    Event,
     Frame,
     FrameTooLarge,
     JunkDiscarded,
@@ -37,8 +44,6 @@ from hl7bridge.mllp.framer import (
 __all__ = ["ConnectionInfo", "ErrorResponder", "Handler", "MllpServer", "ServerEvents"]
 
 logger = logging.getLogger("hl7bridge.mllp")
-
-_READ_SIZE = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,82 +81,6 @@ class _NoEvents:
 
     def frame_rejected(self, reason: str) -> None:
         pass
-
-
-class _CloseConnectionError(Exception):
-    """Internal: end this connection (the reason was already logged and reported)."""
-
-
-class _ReadDeadline:
-    """The deadline of one connection's read, without a timer per read.
-
-    `asyncio.timeout` around every read creates, reschedules and cancels a timer per message. Here one
-    timer per connection is moved lazily: arming with a later deadline only records it, and when the
-    timer fires early it re-arms itself for the recorded deadline; only an earlier deadline (a frame
-    started: the mid-frame timeout is shorter) moves the timer at once. On expiry during a read the task
-    is cancelled, exactly as `asyncio.timeout` does, and `expired()` tells the caller it was us.
-    """
-
-    __slots__ = ("_armed", "_deadline", "_fired", "_handle", "_loop", "_task", "_when")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[None]) -> None:
-        self._loop = loop
-        self._task = task
-        self._deadline = 0.0
-        self._when = 0.0
-        self._armed = False
-        self._fired = False
-        self._handle: asyncio.TimerHandle | None = None
-
-    def arm(self, deadline: float) -> None:
-        self._deadline = deadline
-        self._armed = True
-        if self._handle is None or deadline < self._when:
-            if self._handle is not None:
-                self._handle.cancel()
-            self._when = deadline
-            self._handle = self._loop.call_at(deadline, self._check)
-
-    def disarm(self) -> None:
-        self._armed = False
-
-    def expired(self) -> bool:
-        """After a CancelledError in the read: True if this deadline caused it and no other cancellation
-        (stop()) is pending, in which case the cancellation is consumed."""
-        if not self._fired:
-            return False
-        self._fired = False
-        return self._task.uncancel() == 0
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-
-    def _check(self) -> None:
-        self._handle = None
-        if not self._armed:
-            return  # not reading (a handler runs): the next arm() starts a timer again
-        if self._loop.time() >= self._deadline:
-            self._fired = True
-            self._task.cancel()
-        else:
-            self._when = self._deadline
-            self._handle = self._loop.call_at(self._deadline, self._check)
-
-
-class _Connection:
-    """Per-connection state that `stop()` needs to see."""
-
-    __slots__ = ("busy", "info", "stopping", "task", "writer")
-
-    def __init__(self, info: ConnectionInfo, writer: asyncio.StreamWriter, task: asyncio.Task[None]) -> None:
-        self.info = info
-        self.writer = writer
-        self.task = task
-        #: A message is being handled or its ACK written: stop() must let it finish.
-        self.busy = False
-        self.stopping = False
 
 
 def _format_peer(peername: object) -> str:
@@ -221,8 +150,9 @@ class MllpServer:
         if self._server is not None:
             raise RuntimeError("server already started")
         self._stopping = False
-        self._server = await asyncio.start_server(
-            self._accept, self.host, self.port, ssl=self._ssl, limit=_READ_SIZE
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Connection(self, loop), self.host, self.port, ssl=self._ssl
         )
         sockets = self._server.sockets
         if sockets:
@@ -249,12 +179,12 @@ class MllpServer:
             for conn in list(self._connections):
                 conn.stopping = True
                 if not conn.busy:
-                    conn.task.cancel()
-            tasks = [conn.task for conn in self._connections]
-            if tasks:
-                _done, pending = await asyncio.wait(tasks, timeout=grace)
-                for task in pending:
-                    task.cancel()
+                    conn.close()
+            waiting = {conn.done: conn for conn in self._connections if conn.done is not None}
+            if waiting:
+                _done, pending = await asyncio.wait(waiting, timeout=grace)
+                for fut in pending:
+                    waiting[fut].cancel()
                 if pending:
                     logger.warning("MLLP stop: %d connection(s) still busy after %.1fs", len(pending), grace)
                     await asyncio.wait(pending, timeout=1.0)
@@ -264,140 +194,373 @@ class MllpServer:
             self._stopped.set()
         logger.info("MLLP listener on port %d stopped", self.port)
 
-    # --- per connection -----------------------------------------------------------------------------
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        info = ConnectionInfo(_format_peer(writer.get_extra_info("peername")))
-        if self._stopping or len(self._connections) >= self.max_connections:
-            self._events.connection_refused()
+class _Connection(asyncio.Protocol):
+    """One MLLP connection: framer events in, handler task per message, ACKs out.
+
+    States: *reading* (no task; the idle or mid-frame deadline is armed), *busy* (a task runs the handler
+    and writes the ACK; no deadline, data that arrives is held and reading paused), *closing* (the
+    transport is closing; `done` resolves once it is closed and no task runs).
+    """
+
+    __slots__ = (
+        "_accepted",
+        "_close_timer",
+        "_closing",
+        "_eof_held",
+        "_finished",
+        "_frame_deadline",
+        "_frame_started",
+        "_framer",
+        "_held",
+        "_idle_deadline",
+        "_loop",
+        "_lost",
+        "_paused",
+        "_queue",
+        "_server",
+        "_task",
+        "_timer",
+        "_timer_when",
+        "_transport",
+        "_write_paused",
+        "_write_waiter",
+        "busy",
+        "done",
+        "info",
+        "stopping",
+    )
+
+    def __init__(self, server: MllpServer, loop: asyncio.AbstractEventLoop) -> None:
+        self._server = server
+        self._loop = loop
+        self._transport: asyncio.Transport | None = None
+        self.info = ConnectionInfo("?")
+        self._framer = MllpFramer(server.max_frame_bytes, server.require_trailing_cr)
+        self._queue: deque[Event] = deque()
+        self._held: list[bytes] = []  # data received while a handler ran, fed once it is done
+        self._eof_held = False
+        self._frame_started = False  # the last chunk fed left a frame open: its deadline starts when answered
+        self._idle_deadline = 0.0
+        self._frame_deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = 0.0
+        self._close_timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._write_paused = False
+        self._write_waiter: asyncio.Future[None] | None = None
+        self._accepted = False
+        self._paused = False
+        self._closing = False
+        self._lost = False
+        self._finished = False
+        #: A message is being handled or its ACK written: stop() must let it finish.
+        self.busy = False
+        self.stopping = False
+        #: Resolves when the connection is closed and nothing runs for it any more (None if refused).
+        self.done: asyncio.Future[None] | None = None
+
+    # --- transport callbacks ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        server = self._server
+        self.info = ConnectionInfo(_format_peer(transport.get_extra_info("peername")))
+        if server._stopping or len(server._connections) >= server.max_connections:
             logger.warning(
-                "MLLP connection from %s refused: %d connections open", info.peer, len(self._connections)
+                "MLLP connection from %s refused: %d connections open", self.info.peer, len(server._connections)
             )
-            writer.transport.abort()
+            transport.abort()
+            try:
+                server._events.connection_refused()
+            except Exception as exc:
+                logger.error("MLLP connection from %s failed: %s", self.info.peer, type(exc).__name__)
             return
-        task = asyncio.current_task()
-        assert task is not None
-        conn = _Connection(info, writer, task)
-        self._connections.add(conn)
-        self._events.connection_opened()
-        logger.debug("MLLP connection from %s", info.peer)
+        self._accepted = True
+        self.done = self._loop.create_future()
+        server._connections.add(self)
+        self._idle_deadline = self._loop.time() + server.idle_timeout
         try:
-            await self._serve(conn, reader)
-        except _CloseConnectionError:
-            pass
-        except asyncio.CancelledError:
-            # stop() ending an idle connection or a grace period running out. This task is the top of the
-            # connection and nobody awaits its result, so it ends normally: on Python 3.11 a *cancelled*
-            # client_connected_cb task makes asyncio log a spurious "Exception in callback".
-            task.uncancel()
-        except (ConnectionError, OSError) as exc:
-            logger.info("MLLP connection from %s lost: %s", info.peer, type(exc).__name__)
+            server._events.connection_opened()
         except Exception as exc:
-            # A bug (a handler returning a non-bytes ACK, a failing events hook): end this connection only.
-            logger.error("MLLP connection from %s failed: %s", info.peer, type(exc).__name__)
-        finally:
-            self._connections.discard(conn)
-            try:
-                await self._close(writer)
-            finally:
-                self._events.connection_closed()
-                logger.debug("MLLP connection from %s closed", info.peer)
-
-    async def _serve(self, conn: _Connection, reader: asyncio.StreamReader) -> None:
-        loop = asyncio.get_running_loop()
-        framer = MllpFramer(self.max_frame_bytes, self.require_trailing_cr)
-        deadline = _ReadDeadline(loop, conn.task)
-        idle_deadline = loop.time() + self.idle_timeout
-        frame_deadline = 0.0
-        try:
-            while True:
-                in_frame = framer.in_frame
-                deadline.arm(frame_deadline if in_frame else idle_deadline)
-                try:
-                    data = await reader.read(_READ_SIZE)
-                except asyncio.CancelledError:
-                    if not deadline.expired():
-                        raise
-                    self._reject(conn, "timeout_mid_frame" if in_frame else "idle_timeout")
-                    return
-                finally:
-                    deadline.disarm()
-                if not data:
-                    for event in framer.feed_eof():
-                        self._violation(conn, event)
-                    return
-                events = framer.feed(data)
-                for event in events:
-                    if isinstance(event, Frame):
-                        await self._answer(conn, event.payload)
-                        if conn.stopping:
-                            return
-                        idle_deadline = loop.time() + self.idle_timeout
-                    else:
-                        self._violation(conn, event)
-                if framer.in_frame and (not in_frame or events):
-                    # A frame started in this chunk. Count from now, not from the read: time spent
-                    # answering earlier frames of the same chunk is ours, not the sender's.
-                    frame_deadline = loop.time() + self.frame_timeout
-        finally:
-            deadline.close()
-
-    def _violation(self, conn: _Connection, event: object) -> None:
-        """Report a framing event; every one except junk ends the connection."""
-        if isinstance(event, JunkDiscarded):
-            self._events.frame_rejected("junk")
-            logger.info("MLLP %s: discarded %d bytes outside a frame", conn.info.peer, event.nbytes)
+            self._fail(exc)
             return
+        logger.debug("MLLP connection from %s", self.info.peer)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing or not self._accepted:
+            return
+        if self.busy:
+            # One message in flight: hold what comes next and stop reading until the ACK is out.
+            self._held.append(data)
+            if not self._paused:
+                self._paused = True
+                self._transport.pause_reading()  # type: ignore[union-attr]
+            return
+        try:
+            if self._feed(data):
+                self._proceed()
+        except Exception as exc:  # a bug (a failing events hook): end this connection only
+            self._fail(exc)
+
+    def eof_received(self) -> bool:
+        if self._closing or not self._accepted:
+            return False
+        if self.busy:
+            # Answer what is in flight first; a half-closed TCP peer still reads its ACKs (TLS cannot).
+            self._eof_held = True
+            return self._server._ssl is None
+        try:
+            self._end_of_input()
+        except Exception as exc:
+            self._fail(exc)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._cancel_timers()
+        waiter = self._write_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if not self._accepted:
+            return
+        if exc is not None and not self._closing:
+            logger.info("MLLP connection from %s lost: %s", self.info.peer, type(exc).__name__)
+        self._closing = True
+        self._maybe_finish()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter = self._write_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # --- reading ------------------------------------------------------------------------------------
+
+    def _feed(self, data: bytes) -> bool:
+        """Feed one chunk to the framer; True when it produced events (queued for `_proceed`)."""
+        framer = self._framer
+        was_in_frame = framer.in_frame
+        events = framer.feed(data)
+        if events:
+            self._queue.extend(events)
+            self._frame_started = framer.in_frame
+            return True
+        if framer.in_frame and not was_in_frame:
+            self._frame_deadline = self._loop.time() + self._server.frame_timeout
+            self._arm()
+        return False
+
+    def _proceed(self) -> None:
+        """Handle queued events in order until one needs the handler; with none left, read again."""
+        queue = self._queue
+        while True:
+            while queue:
+                event = queue.popleft()
+                if type(event) is Frame:
+                    self._start(event.payload)
+                    return
+                if not self._violation(event):
+                    return
+            if self._frame_started:
+                # A frame started in the last chunk. Count from now, not from its arrival: time spent
+                # answering earlier frames of the same chunk is ours, not the sender's.
+                self._frame_started = False
+                self._frame_deadline = self._loop.time() + self._server.frame_timeout
+            if not self._held:
+                break
+            data = b"".join(self._held)
+            self._held.clear()
+            self._feed(data)
+        if self._eof_held:
+            self._eof_held = False
+            self._end_of_input()
+            return
+        if self._paused:
+            self._paused = False
+            self._transport.resume_reading()  # type: ignore[union-attr]
+        self._arm()
+
+    def _end_of_input(self) -> None:
+        for event in self._framer.feed_eof():
+            if not self._violation(event):
+                return
+        self.close()
+
+    def _violation(self, event: object) -> bool:
+        """Report a framing event. Junk is only reported (True: carry on); the rest close (False)."""
+        if type(event) is JunkDiscarded:
+            self._server._events.frame_rejected("junk")
+            logger.info("MLLP %s: discarded %d bytes outside a frame", self.info.peer, event.nbytes)
+            return True
         if isinstance(event, FrameTooLarge):
-            self._reject(conn, "too_large")
+            self._reject("too_large")
         elif isinstance(event, TruncatedFrame):
-            self._reject(conn, "truncated")
+            self._reject("truncated")
         elif isinstance(event, MissingTrailingCr):
-            self._reject(conn, "missing_cr")
-        raise _CloseConnectionError
+            self._reject("missing_cr")
+        self.close()
+        return False
 
-    def _reject(self, conn: _Connection, reason: str) -> None:
-        self._events.frame_rejected(reason)
-        logger.warning("MLLP %s: closing connection (%s)", conn.info.peer, reason)
+    def _reject(self, reason: str) -> None:
+        self._server._events.frame_rejected(reason)
+        logger.warning("MLLP %s: closing connection (%s)", self.info.peer, reason)
 
-    async def _answer(self, conn: _Connection, payload: bytes) -> None:
-        """Run the handler for one message and write its ACK; the next frame waits for this."""
-        conn.busy = True
+    # --- deadlines ----------------------------------------------------------------------------------
+
+    def _arm(self) -> None:
+        """Make sure a timer fires no later than the current read deadline.
+
+        One timer per connection, moved lazily: a later deadline (the idle deadline pushed back after each
+        answer) is only recorded, and the timer re-arms itself when it fires early; only an earlier one (a
+        frame started: the mid-frame timeout is shorter) moves it at once. So a message costs no timer call.
+        """
+        deadline = self._frame_deadline if self._framer.in_frame else self._idle_deadline
+        timer = self._timer
+        if timer is None or deadline < self._timer_when:
+            if timer is not None:
+                timer.cancel()
+            self._timer_when = deadline
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.busy or self._closing:
+            return  # not reading: `_proceed` arms again when it is
+        in_frame = self._framer.in_frame
+        deadline = self._frame_deadline if in_frame else self._idle_deadline
+        if self._loop.time() < deadline:
+            self._timer_when = deadline
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+            return
+        try:
+            self._reject("timeout_mid_frame" if in_frame else "idle_timeout")
+        except Exception as exc:
+            self._fail(exc)
+            return
+        self.close()
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._timer, self._close_timer):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._close_timer = None
+
+    # --- answering ----------------------------------------------------------------------------------
+
+    def _start(self, payload: bytes) -> None:
+        self.busy = True
+        self._task = self._loop.create_task(self._answer(payload))
+
+    async def _answer(self, payload: bytes) -> None:
+        """One message: run the handler, write its ACK, then carry on with the connection."""
+        server = self._server
         try:
             try:
-                ack = await self._handler(payload, conn.info)
+                ack = await server._handler(payload, self.info)
             except Exception as exc:
                 # Never the payload or str(exc) here: either can carry PHI.
-                logger.error("MLLP handler raised %s (message from %s)", type(exc).__name__, conn.info.peer)
-                if self._error_responder is None:
-                    raise _CloseConnectionError from None
+                logger.error("MLLP handler raised %s (message from %s)", type(exc).__name__, self.info.peer)
+                if server._error_responder is None:
+                    self._end_busy()
+                    self.close()
+                    return
                 try:
-                    ack = self._error_responder(payload, exc)
+                    ack = server._error_responder(payload, exc)
                 except Exception as exc2:
                     logger.error("MLLP error responder raised %s", type(exc2).__name__)
-                    raise _CloseConnectionError from None
-            conn.writer.write(encode_frame(ack))
-            if not conn.writer.transport.get_write_buffer_size():
-                return  # the kernel took the whole ACK: nothing to drain, no timer needed
-            try:
-                async with asyncio.timeout(self.ack_write_timeout):
-                    await conn.writer.drain()
-            except TimeoutError:
-                logger.warning(
-                    "MLLP %s: ACK not taken within %.1fs, closing", conn.info.peer, self.ack_write_timeout
-                )
-                conn.writer.transport.abort()
-                raise _CloseConnectionError from None
-        finally:
-            conn.busy = False
-
-    async def _close(self, writer: asyncio.StreamWriter) -> None:
-        writer.close()
-        try:
-            async with asyncio.timeout(self.ack_write_timeout):
-                await writer.wait_closed()
-        except (TimeoutError, ConnectionError, OSError):
-            writer.transport.abort()
+                    self._end_busy()
+                    self.close()
+                    return
+            frame = encode_frame(ack)
+            if not self._lost:
+                self._transport.write(frame)  # type: ignore[union-attr]
+                if self._write_paused and not await self._drain():
+                    self._end_busy()
+                    self.close()
+                    return
         except asyncio.CancelledError:
-            writer.transport.abort()
-            raise
+            # stop() after its grace period: no ACK (the sender resends). Nobody awaits this task, so it
+            # ends normally rather than cancelled.
+            self._end_busy()
+            self.close()
+            return
+        except Exception as exc:  # a handler returning a non-bytes ACK: end this connection only
+            self._end_busy()
+            self._fail(exc)
+            return
+        self._end_busy()
+        if self.stopping or self._closing:
+            self.close()
+            return
+        self._idle_deadline = self._loop.time() + server.idle_timeout
+        try:
+            self._proceed()
+        except Exception as exc:
+            self._fail(exc)
+
+    def _end_busy(self) -> None:
+        self.busy = False
+        self._task = None
+
+    async def _drain(self) -> bool:
+        """Wait until the transport takes the ACK (below its high-water mark); False after the timeout."""
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._write_waiter = waiter
+        try:
+            async with asyncio.timeout(self._server.ack_write_timeout):
+                await waiter
+        except TimeoutError:
+            logger.warning(
+                "MLLP %s: ACK not taken within %.1fs, closing", self.info.peer, self._server.ack_write_timeout
+            )
+            self._transport.abort()  # type: ignore[union-attr]
+            return False
+        finally:
+            self._write_waiter = None
+        return True
+
+    # --- closing ------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the connection (after a running handler, if any, has finished with it)."""
+        if not self._closing:
+            self._closing = True
+            self._cancel_timers()
+            transport = self._transport
+            if transport is not None and not self._lost:
+                transport.close()
+                if transport.get_write_buffer_size() and not self._lost:
+                    # A peer that stopped reading must not keep the connection open for ever.
+                    self._close_timer = self._loop.call_later(self._server.ack_write_timeout, transport.abort)
+        self._maybe_finish()
+
+    def cancel(self) -> None:
+        """stop()'s grace period ran out: cancel the handler, or drop the connection."""
+        if self._task is not None:
+            self._task.cancel()
+        elif self._transport is not None:
+            self._closing = True
+            self._transport.abort()
+
+    def _fail(self, exc: BaseException) -> None:
+        logger.error("MLLP connection from %s failed: %s", self.info.peer, type(exc).__name__)
+        self.close()
+
+    def _maybe_finish(self) -> None:
+        if self._finished or not self._lost or self.busy or not self._accepted:
+            return
+        self._finished = True
+        self._cancel_timers()
+        self._server._connections.discard(self)
+        try:
+            self._server._events.connection_closed()
+        except Exception as exc:
+            logger.error("MLLP connection from %s failed: %s", self.info.peer, type(exc).__name__)
+        logger.debug("MLLP connection from %s closed", self.info.peer)
+        if self.done is not None and not self.done.done():
+            self.done.set_result(None)
