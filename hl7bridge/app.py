@@ -22,6 +22,7 @@ from hl7bridge.config import Config
 from hl7bridge.crm import open_sink
 from hl7bridge.crm.base import Sink
 from hl7bridge.delivery import Delivery, DeliveryPolicy
+from hl7bridge.delivery_process import DeliveryWorker
 from hl7bridge.errors import AckCode, ErrCode, UnreadableMessage
 from hl7bridge.hl7.ack import build_ack
 from hl7bridge.hl7.envelope import DEFAULT_SUPPORTED, best_effort_envelope
@@ -107,7 +108,7 @@ class App:
     sink: Sink | None = None
     mllp: MllpServer | None = None
     ops: OpsServer | None = None
-    delivery: Delivery | None = None
+    delivery: Delivery | DeliveryWorker | None = None
     intake: Intake | None = None
     committer: GroupCommitter | None = None
     _probe: asyncio.Task[None] | None = None
@@ -123,7 +124,17 @@ class App:
             ThreadPoolExecutor(max_workers=cfg.delivery.lanes + 8, thread_name_prefix="hl7bridge"))
         self.journal, self.sink = await asyncio.to_thread(open_stores, cfg, intake=True)
         self.committer = GroupCommitter(self.journal, timedelta(hours=cfg.intake.dedup_window_hours))
-        self.delivery = Delivery(self.journal, self.sink, mapper, self.metrics, delivery_policy(cfg))
+        if cfg.delivery.worker == "process":
+            worker = DeliveryWorker(cfg, self.metrics, report_settled=cfg.intake.ack_mode == "after_apply")
+            await worker.start()
+            if hasattr(self.journal, "on_indexed"):
+                # The log-backed journal makes entries visible to the worker's process once indexed.
+                self.journal.on_indexed = worker.wake_threadsafe(asyncio.get_running_loop())
+            self.delivery = worker
+        else:
+            delivery = Delivery(self.journal, self.sink, mapper, self.metrics, delivery_policy(cfg))
+            delivery.start()
+            self.delivery = delivery
         self.intake = Intake(
             self.committer, self.metrics,
             policy=mapper.patient_policy, supported=DEFAULT_SUPPORTED,
@@ -131,7 +142,6 @@ class App:
             ack_mode=cfg.intake.ack_mode, after_apply_timeout=cfg.intake.after_apply_timeout,
             waiter=self.delivery, on_pending=self.delivery.wake,
         )
-        self.delivery.start()
         lc = cfg.listener
         self.mllp = MllpServer(
             self._handle, host=lc.host, port=lc.port, max_connections=lc.max_connections,
@@ -144,6 +154,7 @@ class App:
         reconcile_file = cfg.store.data_dir / "reconcile.prom"
         self.ops = OpsServer(self.metrics, host=cfg.ops.host, port=cfg.ops.port, checks={
             "listener": self._check_listener, "journal": self._check_journal, "sink": self._check_sink,
+            "delivery": self._check_delivery,
         }, before_scrape=lambda: self.metrics.load_reconcile_file(reconcile_file))
         await self.ops.start()
         self._probe = asyncio.create_task(self._probe_components(), name="component-probe")
@@ -172,6 +183,10 @@ class App:
     async def _check_journal(self) -> None:
         assert self.journal is not None
         await asyncio.to_thread(self.journal.ping)
+
+    async def _check_delivery(self) -> None:
+        if isinstance(self.delivery, DeliveryWorker) and not self.delivery.alive:
+            raise RuntimeError("the delivery worker process is not running (restarting)")
 
     async def _check_sink(self) -> None:
         assert self.sink is not None

@@ -77,6 +77,10 @@ class DeliveryConfig(_Section):
     head_of_line: Literal["continue", "hold"] = "continue"
     #: Upper bound on how long an idle worker waits before looking at the journal again.
     poll_interval: float = Field(1.0, gt=0)
+    #: process: the workers run in a child process that `serve` supervises (restarted if it dies), so
+    #: delivery and the listener use separate cores and a stuck CRM client cannot stall ACKs.
+    #: in_process: workers share the listener's process (one process to watch; slower under load).
+    worker: Literal["process", "in_process"] = "process"
 
 
 class StoreConfig(_Section):

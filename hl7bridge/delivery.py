@@ -19,7 +19,7 @@ import asyncio
 import logging
 import random
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -142,8 +142,12 @@ class Delivery:
         mapper: Mapper,
         metrics: DeliveryMetrics,
         policy: DeliveryPolicy,
+        *,
+        on_settled: Callable[[int, Hl7BridgeError | None], None] | None = None,
     ) -> None:
         self._journal = journal
+        #: Told of every settled entry (applied/filtered: None; dead-lettered: the error).
+        self._on_settled = on_settled
         self._sink = sink
         self._mapper = mapper
         self._metrics = metrics
@@ -352,6 +356,8 @@ class Delivery:
 
     def _resolve(self, journal_id: int, error: Hl7BridgeError | None) -> None:
         self.settled += 1
+        if self._on_settled is not None:
+            self._on_settled(journal_id, error)
         self._settled_recently[journal_id] = error
         while len(self._settled_recently) > 10_000:
             self._settled_recently.popitem(last=False)

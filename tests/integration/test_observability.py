@@ -122,8 +122,10 @@ async def test_after_apply_mode_acks_after_the_crm_and_ae_on_permanent_failure(t
 
 
 async def test_info_logs_name_the_message_but_carry_no_phi(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Workers in this process, so that caplog sees their DEBUG lines too; test_delivery_process.py checks
+    # the worker process's log output the same way.
     caplog.set_level(logging.DEBUG)
-    async with running_bridge(tmp_path / "data") as app:
+    async with running_bridge(tmp_path / "data", delivery={"worker": "in_process"}) as app:
         await send_all(app.mllp.port, [adt("A04", mrn="PHI123", cid="LOG-1", family="Zyxwvut", given="Qponm")])
         await wait_for(lambda: app.journal.counts().get("done", 0) == 1)
     info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and "LOG-1" in r.getMessage()]
