@@ -140,7 +140,7 @@ class App:
             policy=mapper.patient_policy, supported=DEFAULT_SUPPORTED,
             accept_unsupported=cfg.intake.accept_unsupported, default_charset=cfg.intake.default_charset,
             ack_mode=cfg.intake.ack_mode, after_apply_timeout=cfg.intake.after_apply_timeout,
-            waiter=self.delivery, on_pending=self.delivery.wake,
+            waiter=self.delivery, on_pending=self.delivery.wake, validation=cfg.intake.validation,
         )
         lc = cfg.listener
         self.mllp = MllpServer(
