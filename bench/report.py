@@ -49,7 +49,7 @@ def _throughput(results: dict[str, Any]) -> list[str]:
              f"(hl7apy: {results['params']['hl7apy_seconds']:.0f} s), a {results['params']['message_bytes']}-byte "
              "ADT^A04 with a unique MSH-10, every ACK checked (MSA-1 AA/CA, MSA-2 = MSH-10). hl7bridge is "
              "restarted with an empty data directory (or database) for each point and acknowledges only after "
-             "the durable commit; its delivery workers run as deployed, applying to the CRM at the same time.",
+             "the durable write; its delivery worker process runs as deployed, applying to the CRM at the same time.",
              "", "| server | " + " | ".join(f"{c} conn msg/s (× ceiling) | p50 / p99 ms" for c in conns) + " |",
              "|---|" + "---|---|" * len(conns)]
     for server, points in results["throughput"].items():
@@ -180,7 +180,8 @@ def _profile(results: dict[str, Any]) -> list[str]:
         lines += ["", f"### Live profile: the bridge's event-loop thread under {prof['connections']} connections "
                   f"(cProfile, {prof['seconds']:.0f} s, {prof['messages']:,} messages)", "",
                   "Share of the thread's profiled time; cProfile inflates call-heavy code, so read it as "
-                  "proportions. Worker threads (parse, mapping, sink) are not in it: see the stage table.", "",
+                  "proportions. The delivery worker process (parse, mapping, sink) and the journal's threads are not "
+                  "in it: see the stage table.", "",
                   "| function | own % | with callees % |", "|---|---|---|"]
         for row in prof["rows"]:
             lines.append(f"| `{row['func']}` | {row['own']:.1f} | {row['cum']:.1f} |")
@@ -199,9 +200,11 @@ def render(results: dict[str, Any]) -> str:
              "- everything on loopback; each server in its own process, one at a time, the load generator in "
              "the parent process (so they share the same cores: ratios to the ceiling of this run are the "
              "comparable figures, absolute numbers are this machine's)",
-             "- with its delivery workers running, hl7bridge's points move by about ±30 % from run to run on a "
-             "2-core machine (the workers and the event loop take turns on the GIL, and the load generator "
-             "shares the cores); the peers and the workers-off row move by less than ±10 %", ""]
+             "- hl7bridge as deployed by default: the intake log (fdatasync per batch) is the durable record "
+             "AA waits for, and the delivery workers run in their own process, applying to the CRM at the same "
+             "time; with them running, its points move by about ±20 % from run to run on a 2-core machine (three "
+             "processes and the load generator share two cores); the peers and the workers-off row move by "
+             "less than ±10 %", ""]
     lines += _targets(results)
     lines += _throughput(results)
     lines += _scenarios(results)

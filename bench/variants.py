@@ -3,8 +3,9 @@
     python -m bench.variants intake-only serve ARGS...    # the delivery workers are never started
     python -m bench.variants profile OUT.prof serve ARGS...  # cProfile of the event-loop thread
 
-`intake-only` isolates the intake path (scan, journal group commit, ACK) from the workers that share its
-process and its GIL; it is reported as a diagnostic row, never as hl7bridge's result. `profile` runs
+`intake-only` isolates the intake path (scan, intake log, ACK) from the delivery workers, which by default
+run in their own process but share the machine's cores; it is reported as a diagnostic row, never as
+hl7bridge's result. `profile` runs
 the unmodified bridge under cProfile (main thread only: the event loop, where the ACK path runs) and
 writes the stats when the bridge exits on SIGTERM. Profiling starts once the listener is up.
 """
@@ -22,8 +23,12 @@ def main() -> None:
     from hl7bridge import cli
 
     if mode == "intake-only":
+        import os
+
         from hl7bridge import delivery
 
+        # Workers in this process (not the worker process), and never started.
+        os.environ["HL7BRIDGE_DELIVERY__WORKER"] = "in_process"
         delivery.Delivery.start = lambda self: None  # type: ignore[method-assign]
         sys.argv = ["hl7bridge", *args]
         cli.main()
