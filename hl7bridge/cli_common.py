@@ -56,7 +56,8 @@ def stores(cfg: Config, *, intake: bool = False) -> Iterator[tuple[Any, Any]]:
     try:
         journal, sink = open_stores(cfg, intake=intake)
     except Exception as exc:
-        fail(f"cannot open the store: {getattr(exc, 'reason', None) or type(exc).__name__}: {exc}")
+        reason = getattr(exc, "reason", None)
+        fail(f"cannot open the store: {reason}" if reason else f"cannot open the store: {type(exc).__name__}: {exc}")
     try:
         yield journal, sink
     finally:

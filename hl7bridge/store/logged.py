@@ -166,7 +166,8 @@ class LoggedJournal:
                     return  # passive: another LoggedJournal owns the log
                 if time.monotonic() >= deadline:
                     self.close()
-                    raise JournalUnavailable("journal unavailable: the intake log is in use by another process"
+                    raise JournalUnavailable("journal unavailable: another process appends to this journal (a running "
+                                             "bridge holds its intake log; send to it, e.g. replay --to HOST:PORT)"
                                              ) from None
                 time.sleep(0.05)  # a short CLI command holding it: wait for it, bounded
             except (IntakeLogError, OSError, sqlite3.Error) as e:

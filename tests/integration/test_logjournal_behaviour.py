@@ -242,7 +242,7 @@ def test_roles_owner_waits_for_the_log_passive_never_takes_it(tmp_path: Path) ->
     owner = LoggedJournal(db, role="owner")  # a passive instance does not hold the log
     owner.migrate()
     assert reader.passive and not owner.passive
-    with pytest.raises(JournalUnavailable, match="in use by another process"):
+    with pytest.raises(JournalUnavailable, match="another process appends to this journal"):
         LoggedJournal(db, role="owner", lock_timeout=0.1)
     closer = threading.Timer(0.2, owner.close)  # e.g. a short CLI command finishing
     closer.start()
