@@ -11,12 +11,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar, NoReturn, Protocol
 
 from hl7bridge.crm.conflict import (
     EDITABLE,
+    FieldMeta,
     MergeAudit,
     Row,
     Value,
@@ -75,6 +76,14 @@ class Dialect:
     meta_value: Callable[[Any], Mapping[str, Any] | None]
     #: A stored updated_at as the record model's ISO 8601 string.
     stamp: Callable[[Any], str | None]
+    #: Field metadata straight into a parameter, where the driver takes text: must equal
+    #: `meta_param(meta_to_json(meta))`, only cheaper (None: that composition is used).
+    meta_encode: Callable[[Mapping[str, FieldMeta]], Any] | None = None
+    #: The contact statements SqlTx runs per message, built once from the above (see `_contact_sql`).
+    contact_sql: Mapping[str, str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "contact_sql", _contact_sql(self))
 
     def marks(self, n: int) -> str:
         return ", ".join([self.mark] * n)
@@ -131,42 +140,72 @@ def raise_sink_error(err: SinkError, exc: Exception) -> NoReturn:
     raise err from None
 
 
+def _contact_sql(d: Dialect) -> dict[str, str]:
+    """The contact statements in dialect `d`: "update" leaves the MRN as it is, "update_mrn" sets it."""
+    m = d.mark
+    update = (f"{d.assign(_C)}, last_event_at = {m}, field_meta = {m}, updated_at = COALESCE({m}, updated_at) "
+              f"WHERE contact_id = {m}")
+    return {
+        "select": f"SELECT * FROM contacts WHERE mrn = {m}{d.lock}",
+        "insert": f"INSERT INTO contacts (contact_id, mrn, {_cols(_C)}, updated_at, last_event_at, field_meta) "
+                  f"VALUES ({d.marks(len(_C) + 5)}) ON CONFLICT (mrn) DO NOTHING",
+        "update": f"UPDATE contacts SET {update}",
+        "update_mrn": f"UPDATE contacts SET mrn = {m}, {update}",
+    }
+
+
 class SqlTx:
     """conflict.CrmTx over one open transaction: `lock_*` reads with the dialect's row lock."""
 
     def __init__(self, execute: Execute, dialect: Dialect) -> None:
         self._x, self._d = execute, dialect
+        # The stored MRN of each contact this transaction read (locked) or wrote, by contact_id: an update
+        # that keeps the MRN leaves the column out, sparing the UNIQUE index an entry rewrite (SQLite
+        # rewrites an index entry for every column SET, equal or not; PostgreSQL loses the HOT update).
+        self._mrns: dict[str, str] = {}
+        self._sql = dialect.contact_sql
 
     def _meta(self, row: Row) -> Any:
+        encode = self._d.meta_encode
+        if encode is not None:
+            return encode(row.meta)
         return self._d.meta_param(meta_to_json(row.meta))
 
     def lock_contact(self, mrn: str) -> Row | None:
         d = self._d
-        r = self._x(f"SELECT * FROM contacts WHERE mrn = {d.mark}{d.lock}", (mrn,)).fetchone()
+        r = self._x(self._sql["select"], (mrn,)).fetchone()
         if r is None:
             return None
+        self._mrns[r["contact_id"]] = r["mrn"]
         return Row(r["contact_id"], r["mrn"], {c: r[c] for c in _C}, meta_from_json(d.meta_value(r["field_meta"])),
                    d.time_value(r["last_event_at"]))
 
     def insert_contact(self, row: Row, now: datetime) -> bool:
         d = self._d
+        values = row.values
         cur = self._x(
-            f"INSERT INTO contacts (contact_id, mrn, {_cols(_C)}, updated_at, last_event_at, field_meta) "
-            f"VALUES ({d.marks(len(_C) + 5)}) ON CONFLICT (mrn) DO NOTHING",
-            (row.row_id, row.key, *(row.values.get(c) for c in _C), d.time_param(now),
+            self._sql["insert"],
+            (row.row_id, row.key, *[values.get(c) for c in _C], d.time_param(now),
              d.time_param(row.last_event_at), self._meta(row)))
-        return cur.rowcount == 1
+        if cur.rowcount == 1:
+            self._mrns[row.row_id] = row.key
+            return True
+        return False
 
     def update_contact(self, row: Row, updated_at: datetime | None) -> None:
-        d, m = self._d, self._d.mark
-        self._x(
-            f"UPDATE contacts SET mrn = {m}, {d.assign(_C)}, last_event_at = {m}, field_meta = {m}, "
-            f"updated_at = COALESCE({m}, updated_at) WHERE contact_id = {m}",
-            (row.key, *(row.values.get(c) for c in _C), d.time_param(row.last_event_at), self._meta(row),
-             d.time_param(updated_at), row.row_id))
+        d = self._d
+        values = row.values
+        args = (*[values.get(c) for c in _C], d.time_param(row.last_event_at), self._meta(row),
+                d.time_param(updated_at), row.row_id)
+        if self._mrns.get(row.row_id) == row.key:
+            self._x(self._sql["update"], args)
+        else:
+            self._x(self._sql["update_mrn"], (row.key, *args))
+            self._mrns[row.row_id] = row.key
 
     def delete_contact(self, contact_id: str) -> None:
         self._x(f"DELETE FROM contacts WHERE contact_id = {self._d.mark}", (contact_id,))
+        self._mrns.pop(contact_id, None)
 
     def lock_appointment(self, appointment_id: str) -> Row | None:
         d = self._d

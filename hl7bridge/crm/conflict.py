@@ -12,6 +12,7 @@ Which fields exist and how a value is validated live in `values.py`.
 from __future__ import annotations
 
 import functools
+import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -38,6 +39,7 @@ __all__ = [
     "is_stale",
     "iso",
     "meta_from_json",
+    "meta_json_text",
     "meta_to_json",
     "new_contact_id",
     "normalise",
@@ -113,8 +115,33 @@ def meta_to_json(meta: Mapping[str, FieldMeta]) -> dict[str, dict[str, str]]:
     return {f: {"at": iso(m.at), "by": m.by.value} for f, m in sorted(meta.items())}
 
 
+def meta_json_text(meta: Mapping[str, FieldMeta]) -> str:
+    """`json.dumps(meta_to_json(meta))`, character for character, from cached pieces: every apply writes
+    a row's whole metadata back, and most of its entries (often one event's time for every field) repeat."""
+    return "{" + ", ".join([_json_item(f, m) for f, m in sorted(meta.items())]) + "}"
+
+
+@functools.lru_cache(maxsize=8192)
+def _json_item(name: str, meta: FieldMeta) -> str:
+    # FieldMetas equal as instants share an entry, and iso() spells them alike (UTC), so that is exact.
+    return f'{json.dumps(name)}: {json.dumps({"at": iso(meta.at), "by": meta.by.value})}'
+
+
 def meta_from_json(obj: Mapping[str, Any] | None) -> dict[str, FieldMeta]:
-    return {f: FieldMeta(_parse_utc(m["at"]), Origin(m["by"])) for f, m in (obj or {}).items()}
+    return {f: _field_meta(m["at"], m["by"]) for f, m in (obj or {}).items()}
+
+
+def _field_meta(at: Any, by: Any) -> FieldMeta:
+    try:
+        return _cached_field_meta(at, by)
+    except TypeError:  # not hashable (a corrupt row): decode it uncached, failing as it would
+        return FieldMeta(_parse_utc(at), Origin(by))
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_field_meta(at: str, by: str) -> FieldMeta:
+    # FieldMeta is immutable, so rows can share one; a row's fields mostly carry one message's time.
+    return FieldMeta(_parse_utc(at), Origin(by))
 
 
 def new_contact_id() -> str:
@@ -276,7 +303,8 @@ def upsert_contact(
         if only_if_changed and not set(only_if_changed) & set(plan.changed):
             return Outcome.SKIPPED, (), row
         last = _later(row.last_event_at, event_time) if own else row.last_event_at
-        new = replace(row, values=plan.values, meta=plan.meta, last_event_at=last)
+        # replace(row, values=..., meta=..., last_event_at=...), spelled out: replace() is slow per call.
+        new = Row(row.row_id, row.key, plan.values, plan.meta, last, row.mrn, row.contact_id)
         if plan.changed or last != row.last_event_at:
             tx.update_contact(new, now if plan.changed else None)
         return (Outcome.UPDATED if plan.changed else Outcome.UNCHANGED), plan.changed, new

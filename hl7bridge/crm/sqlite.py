@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from hl7bridge.crm._sql import Dialect, SqlSink, SqlTx, as_is, raise_sink_error, schema_v1
-from hl7bridge.crm.conflict import Outcome, apply_op, iso
+from hl7bridge.crm.conflict import Outcome, apply_op, iso, meta_json_text
 from hl7bridge.errors import ErrCode, PermanentSinkError, SinkError, TransientSinkError
 from hl7bridge.records import ApplyRequest, CrmOp, OpResult
 
@@ -40,6 +40,7 @@ _SQLITE = Dialect(
     mark="?", lock="", collate="", starts_with="substr({col}, 1, length(?)) = ?", starts_with_args=2,
     text="TEXT", integer="INTEGER", timestamp="TEXT", json="TEXT", serial_pk="INTEGER PRIMARY KEY AUTOINCREMENT",
     time_param=_iso, time_value=_dt, meta_param=json.dumps, meta_value=json.loads, stamp=as_is,
+    meta_encode=meta_json_text,
 )
 
 #: Schema steps; step i brings the schema to version i + 1. Append, never edit.
@@ -102,8 +103,9 @@ class SqliteSink(SqlSink):
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, the module never opens one behind us.
+            # A large statement cache: the batch statements below come in one text per batch size.
             self._conn = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None,
-                                         check_same_thread=False)
+                                         check_same_thread=False, cached_statements=512)
             self._conn.row_factory = sqlite3.Row
             self._conn.execute("PRAGMA journal_mode = WAL")
             self._conn.execute("PRAGMA synchronous = FULL")
@@ -148,7 +150,7 @@ class SqliteSink(SqlSink):
     def apply(self, ops: Sequence[CrmOp], *, message_key: str | None = None,
               force: bool = False) -> list[OpResult]:
         """Group commit: applies waiting on the lock are committed together (one fsync per batch), each
-        message in its own savepoint, so one message's failure never undoes or blocks another's.
+        message on its own (see `_run_batch`), so one message's failure never undoes or blocks another's.
         Results are handed out only after the batch's COMMIT, so nobody reports an uncommitted apply."""
         request = _ApplyRequest(ops, message_key, force)
         with self._queue_lock:
@@ -180,17 +182,11 @@ class SqliteSink(SqlSink):
         conn = self._conn
         now = datetime.now(UTC)
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            for request in batch:
-                conn.execute("SAVEPOINT message")
-                try:
-                    request.results = self._apply_one(conn, request, now)
-                    conn.execute("RELEASE message")
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO message")
-                    conn.execute("RELEASE message")
-                    request.error = _as_sink_error(exc)
-            conn.execute("COMMIT")
+            # Optimistically without per-message savepoints (two statements per message saved); if any
+            # message fails, that transaction is rolled back whole and the batch runs again with them, so
+            # what commits is what the savepoint run alone would commit.
+            if not self._run_batch(conn, batch, now, isolate=False):
+                self._run_batch(conn, batch, now, isolate=True)
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -200,18 +196,51 @@ class SqliteSink(SqlSink):
         for request in batch:
             request.done = True
 
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_ApplyRequest], now: datetime, *,
+                   isolate: bool) -> bool:
+        """Apply the batch in one transaction and commit it. With `isolate` each message runs in its own
+        savepoint and a failure is that message's alone; without, the first failure rolls the whole
+        transaction back and False is returned (nothing written, the outcomes so far void).
+
+        The idempotency records cost two statements per batch, not two per message: one lookup of the
+        batch's keys up front, one INSERT of the applied ones before COMMIT (the same transaction as the
+        upserts). Under the write lock only this batch changes `applied`, so "recorded before the batch,
+        or applied earlier in it" is exactly what a lookup per message would have found."""
+        conn.execute("BEGIN IMMEDIATE")
+        seen = _applied_keys(conn, [r.message_key for r in batch if r.message_key is not None and not r.force])
+        applied: list[str] = []
+        for request in batch:
+            request.error, request.results = None, []
+            key = request.message_key
+            if key is not None and not request.force and key in seen:
+                request.results = [OpResult(op.entity, op.key, Outcome.ALREADY_APPLIED.value) for op in request.ops]
+                continue
+            if isolate:
+                conn.execute("SAVEPOINT message")
+            try:
+                results = self._apply_one(conn, request, now)
+                if isolate:
+                    conn.execute("RELEASE message")
+            except Exception as exc:
+                if not isolate:
+                    if conn.in_transaction:  # (SQLite may have rolled it back itself)
+                        conn.execute("ROLLBACK")
+                    return False
+                conn.execute("ROLLBACK TO message")
+                conn.execute("RELEASE message")
+                request.error = _as_sink_error(exc)
+                continue
+            request.results = results
+            if key is not None:
+                seen.add(key)
+                applied.append(key)
+        _record_applied(conn, applied, iso(now))
+        conn.execute("COMMIT")
+        return True
+
     def _apply_one(self, conn: sqlite3.Connection, request: _ApplyRequest, now: datetime) -> list[OpResult]:
-        ops, message_key = request.ops, request.message_key
-        if message_key is not None and not request.force and conn.execute(
-                "SELECT 1 FROM applied WHERE message_key = ?", (message_key,)).fetchone():
-            return [OpResult(op.entity, op.key, Outcome.ALREADY_APPLIED.value) for op in ops]
         tx = self._crm_tx(conn)
-        results = [apply_op(tx, op, now=now, message_key=message_key) for op in ops]
-        if message_key is not None:
-            conn.execute("INSERT INTO applied (message_key, applied_at) VALUES (?, ?) "
-                         "ON CONFLICT (message_key) DO UPDATE SET applied_at = excluded.applied_at",
-                         (message_key, iso(now)))
-        return results
+        return [apply_op(tx, op, now=now, message_key=request.message_key) for op in request.ops]
 
     def ping(self) -> None:
         with self._read() as conn:
@@ -220,3 +249,27 @@ class SqliteSink(SqlSink):
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+#: Keys per statement: well under SQLite's bound-parameter limit.
+_KEYS_PER_STATEMENT = 256
+
+
+def _applied_keys(conn: sqlite3.Connection, keys: list[str]) -> set[str]:
+    """Which of `keys` are recorded as applied."""
+    found: set[str] = set()
+    for start in range(0, len(keys), _KEYS_PER_STATEMENT):
+        chunk = keys[start : start + _KEYS_PER_STATEMENT]
+        found.update(r[0] for r in conn.execute(
+            f"SELECT message_key FROM applied WHERE message_key IN ({', '.join('?' * len(chunk))})", chunk))
+    return found
+
+
+def _record_applied(conn: sqlite3.Connection, keys: list[str], at: str) -> None:
+    """Record `keys` as applied at `at` (a forced re-apply moves the time of a key already recorded)."""
+    for start in range(0, len(keys), _KEYS_PER_STATEMENT):
+        chunk = keys[start : start + _KEYS_PER_STATEMENT]
+        conn.execute(
+            f"INSERT INTO applied (message_key, applied_at) VALUES {', '.join(['(?, ?)'] * len(chunk))} "
+            "ON CONFLICT (message_key) DO UPDATE SET applied_at = excluded.applied_at",
+            [v for key in chunk for v in (key, at)])

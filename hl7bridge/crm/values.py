@@ -23,6 +23,10 @@ EDITABLE: Mapping[str, tuple[str, ...]] = {
 }
 
 
+#: EDITABLE as sets, for the membership test every value passes.
+_EDITABLE_SETS: Mapping[str, frozenset[str]] = {entity: frozenset(names) for entity, names in EDITABLE.items()}
+
+
 def _bad(entity: str, name: str, what: str) -> PermanentSinkError:
     # Names the field, never the value (PHI).
     return PermanentSinkError(f"crm: {entity} field {name!r} {what}", err_code=ErrCode.DATA_TYPE)
@@ -30,7 +34,7 @@ def _bad(entity: str, name: str, what: str) -> PermanentSinkError:
 
 def normalise(entity: Entity, name: str, value: Value) -> Value:
     """Validate one value for the record model; "" means empty, like None."""
-    if name not in EDITABLE[entity]:
+    if name not in _EDITABLE_SETS[entity]:
         raise _bad(entity, name, "is not a CRM field")
     if value is None or value == "":
         return None

@@ -46,6 +46,8 @@ __all__ = [
 #: One repetition: components, each a tuple of sub-components.
 Rep = tuple[tuple[str, ...], ...]
 _NULL = '""'
+#: A field that is exactly HL7's explicit null.
+_NULL_FIELD: tuple[Rep, ...] = (((_NULL,),),)
 
 #: Components holding the "type code" a shorthand `[CODE]` selector matches, by field data type.
 _CODE_COMPONENTS = {"CX": (5, 4), "XTN": (2, 3), "XAD": (7,), "XPN": (7,), "XCN": (13, 9)}
@@ -86,7 +88,22 @@ def _norm_field(field: object) -> tuple[Rep, ...]:
 
 
 def _has_text(reps: Sequence[Rep]) -> bool:
-    return any(s and s != _NULL for rep in reps for comp in rep for s in comp)
+    # Plain loops: this runs for every whole-field path, and nested generators cost more than the test.
+    for rep in reps:
+        for comp in rep:
+            for s in comp:
+                if s and s != _NULL:
+                    return True
+    return False
+
+
+def _needs_decoding(reps: Sequence[Rep], esc: str) -> bool:
+    for rep in reps:
+        for comp in rep:
+            for s in comp:
+                if esc in s or s == _NULL:
+                    return True
+    return False
 
 
 def _leaf(rep: Rep, comp: int, sub: int = 1) -> str:
@@ -98,7 +115,7 @@ def _leaf(rep: Rep, comp: int, sub: int = 1) -> str:
 class MessageView:
     """The segments of one message (or one segment group), normalised lazily, plus its separators."""
 
-    __slots__ = ("_cache", "_esc", "_lean", "_names", "_segments", "seps")
+    __slots__ = ("_cache", "_esc", "_first", "_lean", "_names", "_segments", "seps")
 
     def __init__(self, segments: Sequence[Any], seps: Separators) -> None:
         # Segments are python-hl7 Segments, or lean.LeanSegments (raw field strings, split on demand):
@@ -106,6 +123,10 @@ class MessageView:
         self._segments = list(segments)
         self._lean = bool(self._segments) and hasattr(self._segments[0], "normalised")
         self._names = [seg.name() if self._lean else str(seg[0]).strip() for seg in self._segments]
+        # Each name's first segment: what a path without a segment filter reads, without a scan per path.
+        self._first: dict[str, int] = {}
+        for index, name in enumerate(self._names):
+            self._first.setdefault(name, index)
         self.seps = seps
         self._esc = seps.encoding_chars[2] if len(seps.encoding_chars) > 2 else "\\"
         self._cache: dict[tuple[int, int], tuple[Rep, ...]] = {}
@@ -131,13 +152,17 @@ class MessageView:
     def field(self, seg_index: int, number: int) -> tuple[Rep, ...]:
         """Field `number` of segment `seg_index` (HL7 numbering; MSH-1 is the field separator)."""
         key = (seg_index, number)
-        if key not in self._cache:
+        reps = self._cache.get(key)
+        if reps is None:
             seg = self._segments[seg_index]
             if number >= len(seg):
-                self._cache[key] = ()
+                reps = ()
+            elif self._lean:
+                reps = seg.normalised(number)
             else:
-                self._cache[key] = seg.normalised(number) if self._lean else _norm_field(seg[number])
-        return self._cache[key]
+                reps = _norm_field(seg[number])
+            self._cache[key] = reps
+        return reps
 
     def raw_field(self, seg_index: int, number: int) -> str:
         """Field text as sent (escapes still encoded)."""
@@ -150,11 +175,12 @@ class MessageView:
         """Escape-decode one leaf (parse.unescape: python-hl7's would log PHI on odd sequences)."""
         if text == _NULL:
             return ""
+        if self._esc not in text:
+            return text  # what unescape returns for text without an escape character, without the call
         return unescape(text, self.seps.encoding_chars, self.seps.field, self.seps.codec)
 
     def decode_reps(self, reps: Sequence[Rep]) -> tuple[Rep, ...]:
-        esc = self._esc
-        if isinstance(reps, tuple) and not any(esc in s or s == _NULL for rep in reps for comp in rep for s in comp):
+        if isinstance(reps, tuple) and not _needs_decoding(reps, self._esc):
             return reps  # nothing to decode (the common case): no per-leaf calls
         return tuple(tuple(tuple(self.decode(s) for s in comp) for comp in rep) for rep in reps)
 
@@ -238,6 +264,8 @@ class _Alt:
         return self.component is None
 
     def _segment_index(self, view: MessageView) -> int | None:
+        if self.seg_filter is None:
+            return view._first.get(self.segment)
         for idx, name in view.names():
             if name != self.segment:
                 continue
@@ -255,11 +283,13 @@ class _Alt:
         return None if idx is None else view.raw_field(idx, self.field)
 
     def resolve(self, view: MessageView) -> Found | Null | None:
-        idx = self._segment_index(view)
+        idx = view._first.get(self.segment) if self.seg_filter is None else self._segment_index(view)
         if idx is None:
             return None
-        reps = view.field(idx, self.field)
-        if reps == (((_NULL,),),):
+        reps = view._cache.get((idx, self.field))  # view.field's cache, read without the call
+        if reps is None:
+            reps = view.field(idx, self.field)
+        if reps == _NULL_FIELD:
             return Null(self.location)
         if self.rep_index is not None:
             reps = reps[self.rep_index - 1 : self.rep_index]
@@ -276,8 +306,9 @@ class _Alt:
         if self.component > len(rep):
             return None
         comp = rep[self.component - 1]
-        leaf = _leaf(rep, self.component, self.sub or 1)
-        if comp == (_NULL,) or leaf == _NULL:
+        sub = self.sub or 1
+        leaf = comp[sub - 1] if sub <= len(comp) else ""  # _leaf(rep, component, sub), inlined
+        if leaf == _NULL or comp == (_NULL,):
             return Null(self.location)
         if not leaf:
             return None
@@ -330,10 +361,17 @@ class Path:
 
     def resolve(self, view: MessageView) -> Found | Null | None:
         """The first alternative with text; else Null if one was an explicit null; else None."""
-        null: Null | None = None
-        for alt in self.alternatives:
+        alternatives = self.alternatives
+        if len(alternatives) == 1:  # most paths: the loop below, unrolled
+            alt = alternatives[0]
             hit = alt.resolve(view)
-            if isinstance(hit, Found) and (hit.text or (alt.whole_field and _has_text(hit.reps))):
+            if isinstance(hit, Found) and not (hit.text or (alt.component is None and _has_text(hit.reps))):
+                return None
+            return hit
+        null: Null | None = None
+        for alt in alternatives:
+            hit = alt.resolve(view)
+            if isinstance(hit, Found) and (hit.text or (alt.component is None and _has_text(hit.reps))):
                 return hit
             if isinstance(hit, Null) and null is None:
                 null = hit

@@ -19,9 +19,9 @@ import hl7
 from hl7bridge.errors import ErrCode, Hl7BridgeError, MappingError, MissingRequired
 from hl7bridge.hl7.access import Found, MessageView, Null, Path, compile_path
 from hl7bridge.hl7.envelope import PatientIdPolicy, patient_key
-from hl7bridge.hl7.timestamps import get_zone, parse_dtm, system_timezone
+from hl7bridge.hl7.timestamps import get_zone, system_timezone
 from hl7bridge.mapping.model import EntityRules, KeyRule, Problem, Rules, RulesError
-from hl7bridge.mapping.transforms import TRANSFORMS, CodeTableData, Context, Transform
+from hl7bridge.mapping.transforms import TRANSFORMS, CodeTableData, Context, Transform, read_dtm
 from hl7bridge.records import Action, Conflict, CrmOp, Entity, FieldSet, Filtered
 
 __all__ = ["Mapper", "compile_rules"]
@@ -125,8 +125,11 @@ class Mapper:
         if not routes:
             return Filtered(f"{event} is not a trigger in the mapping rules")
         try:
-            facility = _FACILITY.resolve(view)
-            zone = self.zone_for(facility.text if isinstance(facility, Found) else "")
+            if self._facility_zones:
+                facility = _FACILITY.resolve(view)
+                zone = self.zone_for(facility.text if isinstance(facility, Found) else "")
+            else:  # no per-facility zones: every facility's is the default (no need to read MSH-4)
+                zone = self.default_zone
             ctx = Context(view, zone, self._phone[0], self._phone[1], self._tables)
             event_time = self._event_time(view, event, zone)
             ops: list[CrmOp] = []
@@ -160,7 +163,7 @@ class Mapper:
         hit = (_ADT_TIME if event.startswith("ADT^") else _MSG_TIME).resolve(view)
         if not isinstance(hit, Found):
             raise MissingRequired("message date/time missing", location="MSH-7")
-        return parse_dtm(hit.text, zone, location=hit.location)
+        return read_dtm(hit.text, zone, hit.location)
 
     def _key(self, plan: _KeyPlan, view: MessageView) -> str | None:
         hit = plan.path.resolve(view)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import getpass
 import hashlib
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -146,6 +146,8 @@ POSTGRES_MIGRATIONS: dict[int, tuple[str, ...]] = {
 
 def aware_utc(dt: datetime) -> datetime:
     """Normalise to UTC; a naive datetime is a caller bug (its zone is unknowable), so refuse it."""
+    if dt.tzinfo is UTC:
+        return dt  # what astimezone(UTC) returns for it, without the checks (the common case)
     if dt.tzinfo is None or dt.utcoffset() is None:
         raise ValueError("journal datetimes must be timezone-aware")
     return dt.astimezone(UTC)
@@ -215,27 +217,17 @@ def insert_values(entry: NewEntry, conv: Callable[[datetime], Any], updated_at: 
 
 def entry_from_row(row: Sequence[Any], conv: Callable[[Any], datetime]) -> JournalEntry:
     """Build a JournalEntry from a row in ENTRY_COLUMNS order; `conv` reads the backend's datetimes."""
+    # Positional: JournalEntry's fields are ENTRY_COLUMNS in order (checked at import, below), and 19
+    # keyword arguments cost more than the rest of the call on the workers' and the poller's paths.
     return JournalEntry(
-        id=int(row[0]),
-        received_at=conv(row[1]),
-        peer=row[2],
-        sending_application=row[3],
-        sending_facility=row[4],
-        control_id=row[5],
-        message_type=row[6],
-        trigger=row[7],
-        version=row[8],
-        patient_key=row[9],
-        raw=bytes(row[10]),
-        state=cast(JournalState, row[11]),
-        ack_code=row[12],
-        reason=row[13],
-        error_kind=row[14],
-        attempts=int(row[15]),
-        next_attempt_at=None if row[16] is None else conv(row[16]),
-        updated_at=conv(row[17]),
-        resend_count=int(row[18]),
+        int(row[0]), conv(row[1]), row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9],
+        bytes(row[10]), cast(JournalState, row[11]), row[12], row[13], row[14], int(row[15]),
+        None if row[16] is None else conv(row[16]), conv(row[17]), int(row[18]),
     )
+
+
+if tuple(f.name for f in fields(JournalEntry)) != tuple(ENTRY_COLUMNS.split(", ")):  # pragma: no cover
+    raise ImportError("JournalEntry's fields no longer follow ENTRY_COLUMNS: update entry_from_row")
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,11 +46,17 @@ class _MarkRequest:
 
 def _ts(dt: datetime) -> str:
     # Fixed width (always microseconds, always Z) so that text order is time order in SQL comparisons.
-    return s.aware_utc(dt).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    utc = s.aware_utc(dt)
+    if utc.year < 1000:  # strftime does not pad the year to four digits; isoformat does
+        return utc.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # The same text as that strftime, cheaper: isoformat ends "+00:00" in UTC.
+    return utc.isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def _dt(text: str) -> datetime:
-    return datetime.fromisoformat(text).astimezone(UTC)
+    dt = datetime.fromisoformat(text)
+    # Our own timestamps end in Z, which reads as UTC itself: astimezone() would return it unchanged.
+    return dt if dt.tzinfo is UTC else dt.astimezone(UTC)
 
 
 def _unavailable(exc: sqlite3.Error) -> JournalUnavailable:
@@ -241,19 +247,22 @@ class SqliteJournal:
                 # An entry deleted meanwhile (journal prune) gets no history line: only ids that still exist.
                 ids = [u[-1] for u in updates]
                 existing: set[int] = set()
-                for chunk in _chunks(ids, 500):
-                    existing.update(r[0] for r in conn.execute(
-                        f"SELECT id FROM journal WHERE id IN ({','.join('?' * len(chunk))})", chunk))
-                conn.executemany(
-                    "UPDATE journal SET state = ?, reason = ?, error_kind = ?, "
-                    "attempts = COALESCE(?, attempts), next_attempt_at = ?, updated_at = ? WHERE id = ?",
-                    updates,
-                )
-                conn.executemany(
-                    "INSERT INTO journal_history (entry_id, at, event, detail) VALUES (?, ?, ?, ?)",
-                    [(m.entry_id, now, m.event, m.reason)
-                     for request in batch for m in request.marks if m.entry_id in existing],
-                )
+                if len(set(ids)) == len(ids):
+                    # One statement per 256 marks, which also says which ids exist (RETURNING).
+                    for start in range(0, len(updates), _ROWS_PER_STATEMENT):
+                        existing.update(_update_marks(conn, updates[start : start + _ROWS_PER_STATEMENT]))
+                else:  # an entry marked twice in one batch: in order, so that the last mark wins
+                    for chunk in _chunks(ids, 500):
+                        existing.update(r[0] for r in conn.execute(
+                            f"SELECT id FROM journal WHERE id IN ({','.join('?' * len(chunk))})", chunk))
+                    conn.executemany(
+                        "UPDATE journal SET state = ?, reason = ?, error_kind = ?, "
+                        "attempts = COALESCE(?, attempts), next_attempt_at = ?, updated_at = ? WHERE id = ?",
+                        updates,
+                    )
+                _insert_rows(conn, "journal_history (entry_id, at, event, detail)",
+                             [(m.entry_id, now, m.event, m.reason)
+                              for request in batch for m in request.marks if m.entry_id in existing])
         except JournalUnavailable as exc:
             for request in batch:
                 request.error = exc
@@ -475,6 +484,19 @@ def _insert_entries(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> li
     _insert_rows(conn, f"journal ({', '.join(_INSERT_ENTRY_COLUMNS)})",
                  [(eid, *row) for eid, row in zip(ids, rows, strict=True)])
     return ids
+
+
+def _update_marks(conn: sqlite3.Connection, updates: list[tuple[Any, ...]]) -> list[int]:
+    """Apply marks (state, reason, error_kind, attempts, next_attempt_at, updated_at, id), ids distinct,
+    in one statement; returns the ids that exist."""
+    sql = (
+        f"WITH m(state, reason, error_kind, attempts, next_attempt_at, updated_at, id) AS "
+        f"(VALUES {', '.join(['(?, ?, ?, ?, ?, ?, ?)'] * len(updates))}) "
+        "UPDATE journal SET state = m.state, reason = m.reason, error_kind = m.error_kind, "
+        "attempts = COALESCE(m.attempts, journal.attempts), next_attempt_at = m.next_attempt_at, "
+        "updated_at = m.updated_at FROM m WHERE journal.id = m.id RETURNING journal.id"
+    )
+    return [r[0] for r in conn.execute(sql, [v for u in updates for v in u]).fetchall()]
 
 
 def _insert_rows(conn: sqlite3.Connection, target: str, rows: list[tuple[Any, ...]]) -> None:
