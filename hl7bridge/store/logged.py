@@ -123,7 +123,7 @@ class LoggedJournal:
         max_lag_entries: int = 100_000,
         catch_up_timeout: float = 10.0,
         close_timeout: float = 10.0,
-        index_delay: float = 0.005,
+        index_delay: float = 0.025,
         role: Literal["auto", "owner", "passive"] = "auto",
         lock_timeout: float = 0.0,
         on_indexed: Callable[[], None] | None = None,
@@ -310,6 +310,10 @@ class LoggedJournal:
                     return
                 # Off the ACK path a short gathering delay turns many small index transactions into one
                 # (each costs GIL round trips the event loop and the appenders feel), unless a reader waits.
+                # 25 ms rather than 5: at 2,000 msg/s end to end on 2 cores that cut the intake process's
+                # CPU per message by ~20 % and the worker process's (fewer, larger batches) by ~25 %, and
+                # the 16-connection p99 ACK latency from ~12-16 to ~9-11 ms. Entries reach the worker
+                # process (and the CLI) up to that much later; in-process readers never wait for it.
                 until = time.monotonic() + self._index_delay
                 while not (self._stopping or self._waiters or self._queued_entries >= _INDEX_CHUNK):
                     remaining = until - time.monotonic()
