@@ -131,6 +131,7 @@ class Metrics:
         # Raw values are sender-controlled, so the caches stop growing at `_CHILD_CACHE_MAX` entries.
         self._received_children: dict[tuple[str, str], tuple[Counter, Gauge]] = {}
         self._ack_children: dict[str, Counter] = {}
+        self._applied_children: dict[tuple[str, str], Counter] = {}
 
         # --- intake -------------------------------------------------------------------------------
         self.messages_received = Counter(
@@ -276,7 +277,13 @@ class Metrics:
     # --- delivery -------------------------------------------------------------------------------------
 
     def applied(self, message_type: str, trigger: str, seconds_since_received: float) -> None:
-        self.messages_applied.labels(type=self._msg_type(message_type), trigger=self._trigger(trigger)).inc()
+        # Once per message on the event loop (relayed from the worker process): cached like message_received.
+        child = self._applied_children.get((message_type, trigger))
+        if child is None:
+            child = self.messages_applied.labels(type=self._msg_type(message_type), trigger=self._trigger(trigger))
+            if len(self._applied_children) < _CHILD_CACHE_MAX:
+                self._applied_children[(message_type, trigger)] = child
+        child.inc()
         self.receive_to_applied.observe(max(0.0, seconds_since_received))
         self.last_apply.set(self._clock())
 
