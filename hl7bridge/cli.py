@@ -101,7 +101,7 @@ def send(
 
 def _host_port(target: str) -> tuple[str, int]:
     host, sep, port = target.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not (port.isascii() and port.isdigit()):
         fail(f"target must be HOST:PORT, got {target!r}")
     return host or "127.0.0.1", int(port)
 

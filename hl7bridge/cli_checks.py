@@ -80,7 +80,7 @@ def conflicts_from_rules(rules: Any) -> dict[str, str]:
 
 def _host_port(target: str) -> tuple[str, int]:
     host, sep, port = target.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not (port.isascii() and port.isdigit()):
         fail(f"--target must be HOST:PORT, got {target!r}", 2)
     return host or "127.0.0.1", int(port)
 

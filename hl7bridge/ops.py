@@ -217,7 +217,7 @@ async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, bool] |
     if "chunked" in headers.get("transfer-encoding", "").lower():
         raise _BadRequestError("chunked request bodies are not supported")
     length_text = headers.get("content-length", "0")
-    if not length_text.isdigit() or int(length_text) > _MAX_HEAD_BYTES:
+    if not (length_text.isascii() and length_text.isdigit()) or int(length_text) > _MAX_HEAD_BYTES:
         raise _BadRequestError("bad or oversized content-length")
     if int(length_text):
         await reader.readexactly(int(length_text))

@@ -83,7 +83,8 @@ def canon(name: str, raw: Any) -> Value:
         except ValueError:
             return text
         return dt.astimezone(UTC).isoformat() if dt.utcoffset() is not None else text
-    if name == "birth_date" and text.isdigit() and len(text) > 8:  # HubSpot: midnight UTC in epoch ms
+    # HubSpot: midnight UTC in epoch ms (ASCII digits only: "²".isdigit() is True, int("²") raises)
+    if name == "birth_date" and text.isascii() and text.isdigit() and len(text) > 8:
         return datetime.fromtimestamp(int(text) / 1000, UTC).date().isoformat()
     if name == "birth_date" and len(text) > 10:
         try:

@@ -190,7 +190,7 @@ def error_location(location: str | None, component_sep: str = "^") -> str:
 def _version_tuple(version: str) -> tuple[int, ...]:
     out = []
     for part in version.split("."):
-        if not part.isdigit():
+        if not (part.isascii() and part.isdigit()):  # "²".isdigit() is True, and int("²") raises
             break
         out.append(int(part))
     return tuple(out)

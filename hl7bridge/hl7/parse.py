@@ -264,7 +264,7 @@ def _decode_sequence(seq: str, singles: dict[str, str], charset: str, verbatim: 
         return "\n"
     if seq.startswith(".sp"):
         count = seq[3:].strip().lstrip("+")
-        return "\n" * (int(count) if count.isdigit() else 1)
+        return "\n" * (int(count) if count.isascii() and count.isdigit() else 1)
     if seq.startswith((".fi", ".nf", ".in", ".ti", ".sk", ".ce")):
         return " " if seq.startswith(".sk") else ""
     return verbatim

@@ -199,7 +199,8 @@ class IntakeLog:
         seqs: list[int] = []
         for path in self.directory.iterdir():
             name = path.name
-            if name.endswith(_SUFFIX) and len(name) == 20 + len(_SUFFIX) and name[:20].isdigit():
+            stem = name[:20]
+            if name.endswith(_SUFFIX) and len(name) == 20 + len(_SUFFIX) and stem.isascii() and stem.isdigit():
                 seqs.append(int(name[:20]))
         return sorted(seqs)
 

@@ -348,3 +348,15 @@ def test_no_phi_in_any_nack(path: Path) -> None:
         ack = build_ack(envelope_of(path.name), error.ack_code, error=error)
         assert not [p for p in PHI if p in ack]
     assert nacks >= 12
+
+
+def test_a_version_with_non_ascii_digits_still_gets_an_err_segment() -> None:
+    # Found by the intake fuzz test: "²".isdigit() is True, but int("²") raised inside the ACK builder.
+    raw = ("MSH|^~\\&|EPIC|NORTHCLINIC|HL7BRIDGE|CRM|20261115093000-0500||ADT^A04^ADT_A01|FZ1|P|\u00b2.5.1\r"
+           "PID|1||100001^^^NORTHCLINIC^MR\r").encode("latin-1")
+    env = best_effort_envelope(raw)
+    err = UnsupportedMessage("HL7 version is not supported", err_code=ErrCode.UNSUPPORTED_VERSION)
+    ack = build_ack(env, AckCode.AR, error=err)
+    segments = ack.split("\r")
+    assert segments[1].startswith("MSA|AR|FZ1")
+    assert any(s.startswith("ERR|") and "203" in s for s in segments)

@@ -266,3 +266,8 @@ def test_escape_round_trips(value: str) -> None:
     escaped = escape(value, ENC, "|")
     assert not set(escaped) & set("|^~&\r\n")
     assert unescape(escaped, ENC, "|") == value
+
+
+def test_a_non_ascii_digit_in_an_sp_escape_is_one_line_break_not_a_crash() -> None:
+    # "²".isdigit() is True but int("²") raises: the count must be ASCII digits.
+    assert unescape("a\\.sp\u00b2\\b", "^~\\&", "|") == "a\nb"
