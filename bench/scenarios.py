@@ -46,37 +46,29 @@ def _parse_ts(value: Any) -> float:
     return datetime.fromisoformat(str(value).replace("Z", "+00:00")).astimezone(UTC).timestamp()
 
 
-def journal_rows(location: str) -> list[tuple[float, float, str]]:
-    """(received_at, updated_at, state) of every journal entry, as Unix seconds."""
-    sql = "SELECT received_at, updated_at, state FROM journal"
+def _query(location: str, sql: str) -> list[Any]:
+    """All rows of one read-only query on the journal at `location` (a PostgreSQL URL or a SQLite file)."""
     if location.startswith(("postgresql://", "postgres://")):
         import psycopg
 
         with psycopg.connect(location) as conn:
-            rows = conn.execute(sql).fetchall()
-    else:
-        conn = sqlite3.connect(f"file:{location}?mode=ro", uri=True, timeout=10)
-        try:
-            rows = conn.execute(sql).fetchall()
-        finally:
-            conn.close()
+            return conn.execute(sql).fetchall()
+    conn = sqlite3.connect(f"file:{location}?mode=ro", uri=True, timeout=10)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def journal_rows(location: str) -> list[tuple[float, float, str]]:
+    """(received_at, updated_at, state) of every journal entry, as Unix seconds."""
+    rows = _query(location, "SELECT received_at, updated_at, state FROM journal")
     return [(_parse_ts(r), _parse_ts(u), s) for r, u, s in rows]
 
 
 def journal_counts(location: str) -> dict[str, int]:
-    sql = "SELECT state, COUNT(*) FROM journal GROUP BY state"
     try:
-        if location.startswith(("postgresql://", "postgres://")):
-            import psycopg
-
-            with psycopg.connect(location) as conn:
-                rows = conn.execute(sql).fetchall()
-        else:
-            conn = sqlite3.connect(f"file:{location}?mode=ro", uri=True, timeout=10)
-            try:
-                rows = conn.execute(sql).fetchall()
-            finally:
-                conn.close()
+        rows = _query(location, "SELECT state, COUNT(*) FROM journal GROUP BY state")
     except Exception:  # the file or schema may not exist yet while the process starts
         return {}
     return {str(s): int(n) for s, n in rows}

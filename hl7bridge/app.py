@@ -116,10 +116,11 @@ class App:
     async def start(self) -> None:
         cfg = self.config
         mapper = build_mapper(cfg)
-        # Workers parse and map on threads; with the default 5 ms GIL switch interval a busy worker delays
-        # the event loop (and so every ACK) by up to 5 ms at a time. 0.5 ms keeps ACK latency flat.
+        # Threads share this process's GIL with the event loop (the journal's appender and indexer, and the
+        # workers themselves with `delivery.worker: in_process`); with the default 5 ms switch interval a
+        # busy one delays every ACK by up to 5 ms at a time. 0.5 ms keeps ACK latency flat.
         sys.setswitchinterval(0.0005)
-        # Each lane applies through a worker thread: size the pool so lanes never queue for a thread.
+        # In-process workers apply through this pool, a lane per thread: size it so lanes never queue.
         asyncio.get_running_loop().set_default_executor(
             ThreadPoolExecutor(max_workers=cfg.delivery.lanes + 8, thread_name_prefix="hl7bridge"))
         self.journal, self.sink = await asyncio.to_thread(open_stores, cfg, intake=True)

@@ -33,7 +33,9 @@ from hl7bridge.hl7.lean import lean_view
 from hl7bridge.records import ApplyRequest, CrmOp, Filtered, JournalEntry, Mark, OpResult
 from hl7bridge.store.base import Journal
 
-__all__ = ["Delivery", "DeliveryMetrics", "DeliveryPolicy", "Mapper", "apply_entry", "decide", "map_entry"]
+__all__ = [
+    "Delivery", "DeliveryMetrics", "DeliveryPolicy", "Mapper", "Settlements", "apply_entry", "decide", "map_entry",
+]
 
 log = logging.getLogger("hl7bridge.delivery")
 
@@ -125,6 +127,36 @@ def decide(entry: JournalEntry, outcome: Outcome, policy: DeliveryPolicy, now: d
                                          reason=why + exc.reason, error_kind=exc.kind, attempts=attempts))
 
 
+class Settlements:
+    """after_apply answers: futures waiting for journal entries to settle, plus the entries settled lately,
+    so that a waiter registered a moment too late still gets its answer. Used on the event loop only."""
+
+    def __init__(self, keep: int = 10_000) -> None:
+        self._keep = keep
+        self._waiters: dict[int, list[asyncio.Future[Hl7BridgeError | None]]] = {}
+        self._recent: OrderedDict[int, Hl7BridgeError | None] = OrderedDict()
+        #: Entries settled (applied, filtered or dead-lettered) so far.
+        self.count = 0
+
+    def wait_for(self, journal_id: int) -> asyncio.Future[Hl7BridgeError | None]:
+        """Resolves with None when applied/filtered, or the error when dead-lettered (done at once if it was)."""
+        fut: asyncio.Future[Hl7BridgeError | None] = asyncio.get_running_loop().create_future()
+        if journal_id in self._recent:
+            fut.set_result(self._recent[journal_id])
+        else:
+            self._waiters.setdefault(journal_id, []).append(fut)
+        return fut
+
+    def resolve(self, journal_id: int, error: Hl7BridgeError | None) -> None:
+        self.count += 1
+        self._recent[journal_id] = error
+        while len(self._recent) > self._keep:
+            self._recent.popitem(last=False)
+        for fut in self._waiters.pop(journal_id, []):
+            if not fut.done():
+                fut.set_result(error)
+
+
 class Delivery:
     """Drains the journal into the sink, a batch of patients' heads of line at a time.
 
@@ -158,12 +190,8 @@ class Delivery:
         self._batches: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._stopping = False
-        self._waiters: dict[int, list[asyncio.Future[Hl7BridgeError | None]]] = {}
-        # Recently settled entries, so an after_apply waiter registered a moment too late still gets its answer.
-        self._settled_recently: OrderedDict[int, Hl7BridgeError | None] = OrderedDict()
+        self._settlements = Settlements()
         self._runner: asyncio.Task[None] | None = None
-        #: Entries this Delivery settled (applied, filtered or dead-lettered) since it started.
-        self.settled = 0
         self._gauges: asyncio.Task[None] | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------------
@@ -190,13 +218,15 @@ class Delivery:
 
     def wait_for(self, journal_id: int) -> asyncio.Future[Hl7BridgeError | None]:
         """after_apply mode: resolves with None when applied/filtered, or the error when dead-lettered."""
-        fut: asyncio.Future[Hl7BridgeError | None] = asyncio.get_running_loop().create_future()
-        if journal_id in self._settled_recently:
-            fut.set_result(self._settled_recently[journal_id])
-            return fut
-        self._waiters.setdefault(journal_id, []).append(fut)
-        self._wake.set()
+        fut = self._settlements.wait_for(journal_id)
+        if not fut.done():
+            self._wake.set()
         return fut
+
+    @property
+    def settled(self) -> int:
+        """Entries this Delivery settled (applied, filtered or dead-lettered) since it started."""
+        return self._settlements.count
 
     @property
     def idle(self) -> bool:
@@ -355,15 +385,9 @@ class Delivery:
         self._resolve(entry.id, exc)
 
     def _resolve(self, journal_id: int, error: Hl7BridgeError | None) -> None:
-        self.settled += 1
         if self._on_settled is not None:
             self._on_settled(journal_id, error)
-        self._settled_recently[journal_id] = error
-        while len(self._settled_recently) > 10_000:
-            self._settled_recently.popitem(last=False)
-        for fut in self._waiters.pop(journal_id, []):
-            if not fut.done():
-                fut.set_result(error)
+        self._settlements.resolve(journal_id, error)
 
     async def _update_gauges(self) -> None:
         while True:

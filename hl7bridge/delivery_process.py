@@ -29,7 +29,6 @@ import logging
 import os
 import signal
 import sys
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,7 +36,7 @@ from typing import IO, Any
 
 from hl7bridge import errors
 from hl7bridge.config import Config
-from hl7bridge.delivery import DeliveryMetrics
+from hl7bridge.delivery import DeliveryMetrics, Settlements
 from hl7bridge.errors import ErrCode, Hl7BridgeError, MappingError
 
 __all__ = ["DeliveryWorker", "main"]
@@ -87,11 +86,8 @@ class DeliveryWorker:
         self._stopping = False
         self._wake_scheduled = False
         self._ready = asyncio.Event()
-        self._waiters: dict[int, list[asyncio.Future[Hl7BridgeError | None]]] = {}
-        self._settled_recently: OrderedDict[int, Hl7BridgeError | None] = OrderedDict()
+        self._settlements = Settlements()
         self._idle = True
-        #: Entries the worker settled since this bridge started (applied, filtered or dead-lettered).
-        self.settled = 0
         #: How many times the worker had to be restarted.
         self.restarts = 0
 
@@ -135,13 +131,15 @@ class DeliveryWorker:
 
     def wait_for(self, journal_id: int) -> asyncio.Future[Hl7BridgeError | None]:
         """after_apply mode: resolves with None when applied/filtered, or the error when dead-lettered."""
-        fut: asyncio.Future[Hl7BridgeError | None] = asyncio.get_running_loop().create_future()
-        if journal_id in self._settled_recently:
-            fut.set_result(self._settled_recently[journal_id])
-            return fut
-        self._waiters.setdefault(journal_id, []).append(fut)
-        self.wake()
+        fut = self._settlements.wait_for(journal_id)
+        if not fut.done():
+            self.wake()
         return fut
+
+    @property
+    def settled(self) -> int:
+        """Entries the worker settled since this bridge started (applied, filtered or dead-lettered)."""
+        return self._settlements.count
 
     async def stop(self, grace: float | None = None) -> None:
         """Let the worker finish its batches in flight (bounded by grace), then end it."""
@@ -230,7 +228,7 @@ class DeliveryWorker:
         if kind == "m" and event[1] in _METRIC_METHODS:
             getattr(self._metrics, event[1])(*event[2:])
         elif kind == "s":
-            self._resolve(int(event[1]), _error_from_json(event[2]))
+            self._settlements.resolve(int(event[1]), _error_from_json(event[2]))
         elif kind == "i":
             self._idle = bool(event[1])
         elif kind == "r":
@@ -246,15 +244,6 @@ class DeliveryWorker:
         if proc.stdin.transport.get_write_buffer_size() == 0:
             with contextlib.suppress(Exception):
                 proc.stdin.write(b"w")
-
-    def _resolve(self, journal_id: int, error: Hl7BridgeError | None) -> None:
-        self.settled += 1
-        self._settled_recently[journal_id] = error
-        while len(self._settled_recently) > 10_000:
-            self._settled_recently.popitem(last=False)
-        for fut in self._waiters.pop(journal_id, []):
-            if not fut.done():
-                fut.set_result(error)
 
 
 # --- the child ------------------------------------------------------------------------------------
