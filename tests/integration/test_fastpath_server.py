@@ -4,42 +4,12 @@ one message in flight with TCP back-pressure, order across chunks, half-closed p
 from __future__ import annotations
 
 import asyncio
-import shutil
 import ssl
-import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
 
-import pytest
-
-from hl7bridge.mllp.framer import Frame, MllpFramer, encode_frame
-from hl7bridge.mllp.server import ConnectionInfo, MllpServer
-
-HOST = "127.0.0.1"
-WAIT = 10.0
-
-ServerFactory = Callable[..., Awaitable[MllpServer]]
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.opened = 0
-        self.closed = 0
-        self.refused = 0
-        self.rejected: list[str] = []
-
-    def connection_opened(self) -> None:
-        self.opened += 1
-
-    def connection_closed(self) -> None:
-        self.closed += 1
-
-    def connection_refused(self) -> None:
-        self.refused += 1
-
-    def frame_rejected(self, reason: str) -> None:
-        self.rejected.append(reason)
+from hl7bridge.mllp.framer import encode_frame
+from hl7bridge.mllp.server import ConnectionInfo
+from tests.mllp_support import WAIT, Peer, Recorder, ServerFactory, wait_until
 
 
 class Gate:
@@ -62,80 +32,16 @@ class Gate:
         return b"ACK:" + payload[:24]
 
 
-async def wait_until(predicate: Callable[[], bool], within: float = WAIT) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.005)
-
-
-@pytest.fixture
-async def make_server() -> AsyncIterator[ServerFactory]:
-    servers: list[MllpServer] = []
-
-    async def factory(handler: Any, **kwargs: Any) -> MllpServer:
-        server = MllpServer(handler, host=HOST, port=0, **kwargs)
-        await server.start()
-        servers.append(server)
-        return server
-
-    yield factory
-    for server in servers:
-        await server.stop(grace=1.0)
-
-
-class Peer:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-        self.framer = MllpFramer()
-        self.acks: list[bytes] = []
-
-    @classmethod
-    async def open(cls, port: int, **kwargs: Any) -> Peer:
-        reader, writer = await asyncio.open_connection(HOST, port, **kwargs)
-        return cls(reader, writer)
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def read_ack(self) -> bytes:
-        async with asyncio.timeout(WAIT):
-            while not self.acks:
-                data = await self.reader.read(65536)
-                if not data:
-                    raise EOFError("closed before an ACK")
-                self.acks += [e.payload for e in self.framer.feed(data) if isinstance(e, Frame)]
-        return self.acks.pop(0)
-
-    async def read_to_eof(self) -> None:
-        async with asyncio.timeout(WAIT):
-            try:
-                while data := await self.reader.read(65536):
-                    self.acks += [e.payload for e in self.framer.feed(data) if isinstance(e, Frame)]
-            except ConnectionError:
-                pass
-
-    async def close(self) -> None:
-        self.writer.close()
-        try:
-            await self.writer.wait_closed()
-        except ConnectionError:
-            pass
-
-
 async def test_a_frame_sent_while_one_is_handled_waits_for_the_first_ack(make_server: ServerFactory) -> None:
     gate = Gate({b"first"})
     server = await make_server(gate)
     peer = await Peer.open(server.port)
-    await peer.send(encode_frame(b"first"))
+    await peer.send_raw(encode_frame(b"first"))
     async with asyncio.timeout(WAIT):
         await gate.entered[b"first"].wait()
     # Separate chunks, sent while the first handler runs: held, not handled.
-    await peer.send(encode_frame(b"second"))
-    await peer.send(encode_frame(b"third"))
+    await peer.send_raw(encode_frame(b"second"))
+    await peer.send_raw(encode_frame(b"third"))
     for _ in range(20):  # give the server every chance to (wrongly) start the next message
         await asyncio.sleep(0)
     assert gate.log == ["start first"]
@@ -153,7 +59,7 @@ async def test_a_fast_sender_is_held_back_by_tcp_while_a_message_is_handled(make
     gate = Gate({b"slow"})
     server = await make_server(gate)
     peer = await Peer.open(server.port)
-    await peer.send(encode_frame(b"slow"))
+    await peer.send_raw(encode_frame(b"slow"))
     async with asyncio.timeout(WAIT):
         await gate.entered[b"slow"].wait()
     # 32 MiB of frames: far more than the kernel buffers hold. If the server kept reading while busy,
@@ -181,10 +87,10 @@ async def test_a_half_closed_peer_gets_every_ack_then_eof(make_server: ServerFac
     events = Recorder()
     server = await make_server(gate, events=events)
     peer = await Peer.open(server.port)
-    await peer.send(encode_frame(b"one"))
+    await peer.send_raw(encode_frame(b"one"))
     async with asyncio.timeout(WAIT):
         await gate.entered[b"one"].wait()
-    await peer.send(encode_frame(b"two") + encode_frame(b"three"))
+    await peer.send_raw(encode_frame(b"two") + encode_frame(b"three"))
     peer.writer.write_eof()  # done sending; still reading
     gate.release[b"one"].set()
     await peer.read_to_eof()
@@ -199,7 +105,7 @@ async def test_a_peer_that_disconnects_mid_handler_does_not_cancel_the_handler(m
     events = Recorder()
     server = await make_server(gate, events=events)
     peer = await Peer.open(server.port)
-    await peer.send(encode_frame(b"m"))
+    await peer.send_raw(encode_frame(b"m"))
     async with asyncio.timeout(WAIT):
         await gate.entered[b"m"].wait()
     peer.writer.transport.abort()
@@ -217,7 +123,7 @@ async def test_stop_closes_a_connection_in_the_middle_of_a_frame_at_once(make_se
     events = Recorder()
     server = await make_server(gate, events=events)
     peer = await Peer.open(server.port)
-    await peer.send(b"\x0bMSH|half")
+    await peer.send_raw(b"\x0bMSH|half")
     await wait_until(lambda: server.active_connections == 1)
     async with asyncio.timeout(WAIT):
         await server.stop(grace=WAIT)
@@ -235,7 +141,7 @@ async def test_the_mid_frame_timeout_of_a_frame_after_an_answered_one_counts_fro
     peer = await Peer.open(server.port)
     loop = asyncio.get_running_loop()
     # One chunk: a complete frame, then the start of another that never ends.
-    await peer.send(encode_frame(b"slow") + b"\x0bpartial")
+    await peer.send_raw(encode_frame(b"slow") + b"\x0bpartial")
     async with asyncio.timeout(WAIT):
         await gate.entered[b"slow"].wait()
     await asyncio.sleep(0.5)  # longer than frame_timeout, spent in our handler: must not count
@@ -248,21 +154,6 @@ async def test_the_mid_frame_timeout_of_a_frame_after_an_answered_one_counts_fro
     assert events.rejected == ["timeout_mid_frame"]
 
 
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl command not available to make a test certificate")
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-         "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
-    yield cert, key
-
-
 async def test_tls_pipelined_frames_are_answered_in_order(
     make_server: ServerFactory, tls_files: tuple[Path, Path]
 ) -> None:
@@ -273,7 +164,7 @@ async def test_tls_pipelined_frames_are_answered_in_order(
     server = await make_server(gate, ssl=server_ctx)
     peer = await Peer.open(server.port, ssl=ssl.create_default_context(cafile=str(cert)))
     payloads = [b"tls-%d" % i for i in range(50)]
-    await peer.send(b"".join(encode_frame(p) for p in payloads))
+    await peer.send_raw(b"".join(encode_frame(p) for p in payloads))
     assert [await peer.read_ack() for _ in payloads] == [b"ACK:" + p for p in payloads]
     await peer.close()
     await wait_until(lambda: server.active_connections == 0)

@@ -3,43 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
 import ssl
-import subprocess
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from hl7bridge.mllp.client import MllpClient, MllpClientError, send_sync
 from hl7bridge.mllp.server import ConnectionInfo, MllpServer
-
-HOST = "127.0.0.1"
-WAIT = 10.0
-
-ServerFactory = Callable[..., Awaitable[MllpServer]]
-
-
-async def echo(payload: bytes, info: ConnectionInfo) -> bytes:
-    return b"ACK:" + payload
-
-
-@pytest.fixture
-async def make_server() -> AsyncIterator[ServerFactory]:
-    servers: list[MllpServer] = []
-
-    async def factory(handler: Any = echo, **kwargs: Any) -> MllpServer:
-        server = MllpServer(handler, host=HOST, port=0, **kwargs)
-        await server.start()
-        servers.append(server)
-        return server
-
-    yield factory
-    for server in servers:
-        await server.stop(grace=1.0)
+from tests.mllp_support import HOST, WAIT, ServerFactory, echo
 
 
 async def test_send_returns_each_ack_in_order(make_server: ServerFactory) -> None:
@@ -162,21 +135,6 @@ def test_send_sync_raises_on_a_refused_connection() -> None:
 
 
 # --- TLS ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl command not available to make a test certificate")
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-         "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
-    yield cert, key
 
 
 async def test_tls_roundtrip(make_server: ServerFactory, tls_files: tuple[Path, Path]) -> None:
